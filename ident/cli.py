@@ -1,0 +1,337 @@
+"""``ident``: run, feed and inspect the fleet from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from tasks.errors import IdentError
+
+console = Console()
+err_console = Console(stderr=True)
+
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"BM")
+AUDIO_MAGIC = (b"fLaC", b"OggS", b"ID3", b"FORM", b".snd")
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+def detect_kind(data: bytes) -> str:
+    """'vision' or 'audio' from the content's magic bytes, not the file name."""
+    if data.startswith(IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        return "vision"
+    if data.startswith(AUDIO_MAGIC) or (data[:4] in (b"RIFF", b"RIFX", b"RF64") and data[8:12] == b"WAVE"):
+        return "audio"
+    if len(data) > 1 and data[0] == 0xFF and (data[1] & 0xE0) == 0xE0:  # MPEG audio frame sync
+        return "audio"
+    raise IdentError("cannot tell whether this is an image or audio from its content: pass --kind vision|audio")
+
+
+def elide(value, full: bool = False):
+    """Results with embeddings shortened for a terminal."""
+    if full:
+        return value
+    if isinstance(value, dict):
+        return {
+            key: (f"<{len(item)} floats>" if key == "embedding" and isinstance(item, list) else elide(item))
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [elide(item) for item in value]
+    return value
+
+
+def print_json(value) -> None:
+    console.print_json(json.dumps(value, default=str))
+
+
+def make_client():
+    from tasks.client import IdentClient
+
+    return IdentClient()
+
+
+# --- models ----------------------------------------------------------------------
+
+
+def cmd_models(args) -> int:
+    from models.catalog import CATALOG
+    from models.fetch import default_models, fetch_one, verify
+    from tasks.settings import load_settings
+
+    settings = load_settings()
+    specs = list(CATALOG.values()) if args.all else default_models(settings)
+    if args.action == "verify":
+        checks = verify(specs, settings.models_dir)
+        table = Table(title=f"models in {settings.models_dir}")
+        for column in ("model", "file", "role", "state"):
+            table.add_column(column)
+        colour = {"ok": "green", "missing": "red", "mismatch": "red", "unpinned": "yellow"}
+        for check in checks:
+            table.add_row(check.spec.key, check.spec.filename, check.spec.role,
+                          f"[{colour[check.state]}]{check.state}[/]")
+        console.print(table)
+        return 0 if all(c.state == "ok" for c in checks) else 1
+    failures = 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=err_console) as progress:
+        for spec in specs:
+            task = progress.add_task(spec.filename, total=spec.size_bytes)
+
+            def report(done, total, task=task):
+                progress.update(task, completed=done, total=total)
+
+            try:
+                fetch_one(spec, settings.models_dir, args.source, report, force=args.force)
+                progress.update(task, description=f"[green]{spec.filename}")
+            except IdentError as exc:
+                failures += 1
+                progress.update(task, description=f"[red]{spec.filename}")
+                err_console.print(f"[red]error:[/] {exc}")
+    return 1 if failures else 0
+
+
+# --- status ----------------------------------------------------------------------
+
+
+def status_rows(replies: list[dict]) -> list[dict]:
+    rows = []
+    for reply in replies:
+        for worker, body in reply.items():
+            for process in body.get("processes", []):
+                rows.append({"worker": worker, **process})
+    return rows
+
+
+def cmd_status(args) -> int:
+    client = make_client()
+    replies = client.model_status(timeout=args.timeout)
+    rows = status_rows(replies)
+    if args.json:
+        print_json(rows)
+    else:
+        table = Table(title="fleet model status")
+        for column in ("worker", "pid", "queue", "device", "providers", "message"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            providers = "\n".join(f"{k}: {v['provider']}" for k, v in (row.get("models") or {}).items())
+            table.add_row(row["worker"], str(row.get("pid")), str(row.get("queue")), str(row.get("device")),
+                          providers or row.get("state", ""), row.get("message") or "")
+        console.print(table)
+    if not rows:
+        err_console.print("[red]no worker answered[/] (is the fleet running at IDENT_REDIS_URL?)")
+        return 1
+    return 0
+
+
+# --- submit ----------------------------------------------------------------------
+
+
+def cmd_submit(args) -> int:
+    client = make_client()
+    payloads = [Path(p).read_bytes() for p in args.files]
+    kinds = [args.kind or detect_kind(data) for data in payloads]
+    if args.verify:
+        if len(payloads) != 2 or kinds[0] != kinds[1]:
+            raise IdentError("--verify takes exactly two files of the same kind")
+        pending = [client.verify(kinds[0], payloads[0], payloads[1])]
+        labels = [f"{args.files[0]} vs {args.files[1]}"]
+    else:
+        pending = [client.analyze(kind, data) for kind, data in zip(kinds, payloads)]
+        labels = list(args.files)
+    status = 0
+    for label, result in zip(labels, pending):
+        try:
+            value = result.get(timeout=args.timeout)
+        except Exception as exc:  # the worker's typed error, re-raised by Celery
+            err_console.print(f"[red]{label}: {type(exc).__name__}:[/] {exc}")
+            status = 1
+            continue
+        if args.draw and not args.verify and kinds[0] == "vision":
+            from workers.vision.drawing import draw_file
+
+            draw_file(payloads[0], value, Path(args.draw))
+            err_console.print(f"drawn to {args.draw}")
+        console.rule(label)
+        print_json(elide(value, args.full))
+    return status
+
+
+# --- fleet -------------------------------------------------------------------------
+
+
+class LocalFleetRunner:
+    """The fleet `ident up` and `ident demo` run: Redis, one worker per kind, Flower."""
+
+    def __init__(self, args) -> None:
+        self.args = args
+        self.redis = None
+        self.workers = []
+        self.flower = None
+
+    def start(self):
+        from ident.fleet import EmbeddedRedis, start_worker, wait_until_ready
+        from tasks.client import IdentClient
+
+        env = dict(os.environ)
+        if not env.get("IDENT_REDIS_URL"):
+            self.redis = EmbeddedRedis().start()
+            env["IDENT_REDIS_URL"] = self.redis.url
+            os.environ["IDENT_REDIS_URL"] = self.redis.url
+            err_console.print(f"embedded redis-server at {self.redis.url}")
+        with err_console.status("starting workers and loading models..."):
+            self.workers = [
+                start_worker("vision", env, self.args.vision_concurrency, name="vision@local"),
+                start_worker("audio", env, self.args.audio_concurrency, name="audio@local"),
+            ]
+            client = IdentClient()
+            wait_until_ready(client.app, self.workers, timeout=self.args.ready_timeout)
+        if self.args.flower:
+            self.flower = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "workers.vision", "flower",
+                 f"--port={self.args.flower_port}", f"--basic-auth={self.args.flower_auth}"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            err_console.print(f"Flower at http://127.0.0.1:{self.args.flower_port} (basic auth {self.args.flower_auth.split(':')[0]})")
+        for worker in self.workers:
+            err_console.print(f"{worker.name}: log {worker.log_path}")
+        return client
+
+    def stop(self) -> None:
+        with err_console.status("stopping the fleet..."):
+            if self.flower and self.flower.poll() is None:
+                self.flower.terminate()
+                self.flower.wait(timeout=10)
+            for worker in self.workers:
+                worker.stop()
+            if self.redis:
+                self.redis.cleanup()
+
+
+def cmd_up(args) -> int:
+    runner = LocalFleetRunner(args)
+    try:
+        runner.start()
+        cmd_status(argparse.Namespace(json=False, timeout=2.0))
+        err_console.print("fleet is up; Ctrl-C stops everything")
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except KeyboardInterrupt:
+        pass
+    finally:
+        runner.stop()
+    return 0
+
+
+def demo_samples() -> list[tuple[str, Path]]:
+    data = Path(os.environ.get("IDENT_DATA_DIR", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+    samples = [
+        ("vision", data / "images" / "multi_face" / "two_people.jpg"),
+        ("vision", data / "images" / "liveness" / "spoof_F1_print.jpg"),
+        ("audio", data / "audio" / "speakers" / "librispeech_1688_01.wav"),
+        ("audio", data / "audio" / "antispoof" / "spoof" / "espeak_en-us.wav"),
+    ]
+    return [(kind, path) for kind, path in samples if path.is_file()]
+
+
+def cmd_demo(args) -> int:
+    runner = LocalFleetRunner(args)
+    try:
+        client = runner.start()
+        console.rule("status calls")
+        for kind in ("vision", "audio"):
+            status = client.status(kind).get(timeout=30)
+            console.print(f"{kind}.get_status: device={status['device']} "
+                          f"execution_provider={status['execution_provider']}")
+            if status.get("message"):
+                console.print(f"  why not CUDA: {status['message']}")
+        for kind, path in demo_samples():
+            started = time.perf_counter()
+            result = client.analyze(kind, path.read_bytes()).get(timeout=120)
+            console.rule(f"{kind}.analyze {path.name} ({(time.perf_counter() - started) * 1000:.0f} ms)")
+            print_json(elide(result))
+    finally:
+        runner.stop()
+    return 0
+
+
+# --- entry point -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ident", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def fleet_options(p):
+        p.add_argument("--vision-concurrency", type=int, default=1, help="pool processes of the vision worker")
+        p.add_argument("--audio-concurrency", type=int, default=1, help="pool processes of the audio worker")
+        p.add_argument("--flower", action="store_true", help="also start the Flower dashboard")
+        p.add_argument("--flower-port", type=int, default=5555)
+        p.add_argument("--flower-auth", default=os.environ.get("IDENT_FLOWER_AUTH", "admin:change-me"),
+                       help="user:password for Flower's basic auth (IDENT_FLOWER_AUTH)")
+        p.add_argument("--ready-timeout", type=float, default=180.0)
+
+    up = sub.add_parser("up", help="run a local fleet in the foreground (embedded Redis unless IDENT_REDIS_URL is set)")
+    fleet_options(up)
+    up.set_defaults(func=cmd_up)
+
+    demo = sub.add_parser("demo", help="start a local fleet, run the sample inputs through it, stop")
+    fleet_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    submit = sub.add_parser("submit", help="send files to the fleet and print the results")
+    submit.add_argument("files", nargs="+")
+    submit.add_argument("--kind", choices=("vision", "audio"), help="default: detected from the content")
+    submit.add_argument("--verify", action="store_true", help="compare two files 1:1")
+    submit.add_argument("--full", action="store_true", help="print embeddings instead of eliding them")
+    submit.add_argument("--draw", metavar="OUT.jpg", help="write the image with faces drawn on it")
+    submit.add_argument("--timeout", type=float, default=120.0)
+    submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="every worker's pool processes, devices and providers")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for replies")
+    status.set_defaults(func=cmd_status)
+
+    models = sub.add_parser("models", help="fetch or verify the ONNX model files")
+    models.add_argument("action", choices=("fetch", "verify"))
+    models.add_argument("--from", dest="source", metavar="DIR_OR_URL", help="a mirror: a folder or an http(s) base URL")
+    models.add_argument("--all", action="store_true", help="every catalog model, not only the configured ones")
+    models.add_argument("--force", action="store_true", help="fetch again even when the file is already there")
+    models.set_defaults(func=cmd_models)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    try:
+        from ident import doctor
+    except ImportError:
+        return
+    parser = sub.add_parser("doctor", help="find out why a GPU is not used")
+    doctor.add_arguments(parser)
+    parser.set_defaults(func=doctor.run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except IdentError as exc:
+        err_console.print(f"[red]{type(exc).__name__}:[/] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

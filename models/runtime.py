@@ -1,0 +1,228 @@
+"""ONNX Runtime sessions: one per model, created in the process that runs it.
+
+``open_session`` tries the CUDA execution provider first (unless told not to),
+falls back to CPU with a specific reason, and warms the session up.
+``ModelSession`` has the ``run``/``get_inputs`` interface of an ORT session, so
+the model classes never know which provider they got, and it reads the
+provider back from ORT after every run rather than assuming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from models.catalog import ModelSpec
+from models.cuda import CPU_EP, CUDA_EP, CudaFacts, explain_cpu_fallback, probe_cuda
+from tasks.errors import DeviceUnavailable, ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+# Warnings such as silero's ~200 "Removing initializer" lines are noise in a
+# worker log; real failures reach us as exceptions or as the reasons below.
+ort.set_default_logger_severity(3)
+
+_NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Which providers to ask for, and why CUDA is not among them when it is not."""
+
+    providers: list[Any]
+    device_id: int | None
+    cpu_reason: str | None
+
+
+def plan_device(device: str, device_id: int, facts: CudaFacts | None = None) -> DevicePlan:
+    """Decide the providers for IDENT_DEVICE=auto|cuda|cpu on this host.
+
+    ``cuda`` is strict: when CUDA cannot run, it raises with the reason
+    instead of quietly running on CPU.
+    """
+    if device == "cpu":
+        return DevicePlan([CPU_EP], None, "IDENT_DEVICE=cpu asks for the CPU only")
+    facts = probe_cuda() if facts is None else facts
+    reason = explain_cpu_fallback(facts, device_id)
+    if reason is not None:
+        if device == "cuda":
+            raise DeviceUnavailable(f"IDENT_DEVICE=cuda but CUDA cannot be used: {reason}")
+        return DevicePlan([CPU_EP], None, reason)
+    cuda_options = {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"}
+    return DevicePlan([(CUDA_EP, cuda_options), CPU_EP], device_id, None)
+
+
+def cpu_threads_per_session(configured: int, pool_processes: int) -> int:
+    """Intra-op threads so that all pool processes together fit the cores.
+
+    Models of one job run one after another, so one process needs threads for
+    one session at a time, not for all of them.
+    """
+    if configured > 0:
+        return configured
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, pool_processes))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _captured_native_stderr() -> Iterator[list[str]]:
+    """Collect what ORT's C++ code writes to fd 2 while a session is created.
+
+    ORT reports why it declined an execution provider only on stderr; capturing
+    it lets the fallback reason quote ORT's own words instead of a guess.
+    """
+    lines: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved = os.dup(2)
+        try:
+            os.dup2(sink.fileno(), 2)
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace")
+            lines.extend(line.strip() for line in text.splitlines() if line.strip())
+
+
+class ModelSession:
+    """One catalog model's ONNX Runtime session, with the provider it really uses."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        path: Path,
+        sha256: str,
+        session: ort.InferenceSession,
+        threads: int,
+        device_id: int | None,
+        cpu_reason: str | None,
+    ) -> None:
+        self.spec = spec
+        self.path = path
+        self.sha256 = sha256
+        self.threads = threads
+        self.cpu_reason = cpu_reason
+        self._session = session
+        self._device_id = device_id
+        self.provider = session.get_providers()[0]
+        self.runs = 0
+
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        outputs = self._session.run(output_names, input_feed)
+        self.runs += 1
+        # ORT may drop an execution provider after a failure at run time; the
+        # provider reported with a result must be the one that produced it.
+        self.provider = self._session.get_providers()[0]
+        return outputs
+
+    def get_inputs(self):
+        return self._session.get_inputs()
+
+    def get_outputs(self):
+        return self._session.get_outputs()
+
+    @property
+    def device(self) -> str:
+        return "CUDA" if self.provider == CUDA_EP else "CPU"
+
+    @property
+    def device_id(self) -> int | None:
+        return self._device_id if self.provider == CUDA_EP else None
+
+    def status(self) -> dict:
+        return {
+            "model": self.spec.key,
+            "role": self.spec.role,
+            "file": self.path.name,
+            "sha256": self.sha256,
+            "provider": self.provider,
+            "device": self.device,
+            "device_id": self.device_id,
+            "threads": self.threads,
+            "message": None if self.provider == CUDA_EP else self.cpu_reason,
+        }
+
+
+def model_path(spec: ModelSpec, models_dir: Path) -> Path:
+    path = models_dir / spec.filename
+    if not path.is_file():
+        raise ModelUnavailable(
+            f"model {spec.key} ({spec.filename}) is not in {models_dir}: run `ident models fetch` "
+            "(or `ident models fetch --from DIR_OR_URL` for a mirror), or point IDENT_MODELS_DIR at "
+            "the folder that holds it"
+        )
+    return path
+
+
+def open_session(spec: ModelSpec, models_dir: Path, plan: DevicePlan, threads: int) -> ModelSession:
+    """Create, check and warm one model's session."""
+    path = model_path(spec, models_dir)
+    sha256 = file_sha256(path)
+    if spec.sha256 is not None and sha256 != spec.sha256:
+        raise ModelUnavailable(
+            f"{path} has sha256 {sha256}, but the catalog pins {spec.sha256} for {spec.key}: the "
+            "file is corrupt or a different model; fetch it again with `ident models fetch`"
+        )
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    with _captured_native_stderr() as ort_messages:
+        try:
+            session = ort.InferenceSession(str(path), options, providers=plan.providers)
+        except Exception as exc:  # ORT raises its own unexported exception types
+            raise ModelUnavailable(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
+    cpu_reason = plan.cpu_reason
+    if session.get_providers()[0] != CUDA_EP and cpu_reason is None:
+        said = next((m for m in ort_messages if "CUDA" in m), None)
+        cpu_reason = "ONNX Runtime declined the CUDA execution provider" + (f": {said}" if said else "")
+    model = ModelSession(spec, path, sha256, session, threads, plan.device_id, cpu_reason)
+    warm_up(model)
+    return model
+
+
+def warm_up(model: ModelSession) -> float:
+    """One run on dummy input so that the first real job does not pay for
+    lazy initialisation (memory arenas, cuDNN algorithm search)."""
+    started = time.perf_counter()
+    model.run(None, warmup_feed(model))
+    return (time.perf_counter() - started) * 1000.0
+
+
+def warmup_feed(model: ModelSession) -> dict[str, np.ndarray]:
+    shapes = model.spec.params.get("warmup_shapes", {})
+    feed = {}
+    for node in model.get_inputs():
+        dtype = _NUMPY_TYPES.get(node.type, np.float32)
+        if not node.shape and dtype == np.int64:
+            feed[node.name] = np.array(model.spec.params.get("sample_rate", 16000), dtype=np.int64)
+            continue
+        shape = shapes.get(node.name) or [d if isinstance(d, int) and d > 0 else 1 for d in node.shape]
+        feed[node.name] = np.zeros(shape, dtype=dtype)
+    return feed

@@ -1,0 +1,76 @@
+"""The Celery app factory shared by producers and both workers."""
+
+from __future__ import annotations
+
+import ssl
+from urllib.parse import parse_qs, urlparse
+
+from celery import Celery
+from kombu import Queue
+
+from tasks.contract import AUDIO_QUEUE, QUEUES, VISION_QUEUE
+from tasks.settings import Settings, load_settings
+
+
+def celery_config(settings: Settings) -> dict:
+    config = {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.redis_url,
+        # msgpack carries payload bytes as bytes; pickle would let anyone who can
+        # write to the broker run code in the workers, so it is never accepted.
+        "task_serializer": "msgpack",
+        "result_serializer": "msgpack",
+        "accept_content": ["msgpack", "json"],
+        "result_accept_content": ["msgpack", "json"],
+        "event_serializer": "json",
+        # A job is acknowledged only once it is done, and a job whose process
+        # died is put back: a crash never loses a job.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # One job at a time per process, so a long job never holds a queue of
+        # others hostage while idle processes wait.
+        "worker_prefetch_multiplier": 1,
+        "task_queues": tuple(Queue(name, routing_key=name) for name in QUEUES),
+        "task_default_queue": VISION_QUEUE,
+        "task_routes": {
+            "vision.*": {"queue": VISION_QUEUE, "routing_key": VISION_QUEUE},
+            "audio.*": {"queue": AUDIO_QUEUE, "routing_key": AUDIO_QUEUE},
+        },
+        "result_expires": settings.result_expires,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        # Keep trying through a Redis restart instead of giving up.
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 20,
+        "redis_socket_keepalive": True,
+        "redis_retry_on_timeout": True,
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "task_time_limit": settings.task_time_limit,
+        "worker_proc_alive_timeout": settings.process_init_timeout,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
+    tls = _tls_options(settings.redis_url)
+    if tls:
+        config["broker_use_ssl"] = tls
+        config["redis_backend_use_ssl"] = tls
+    return config
+
+
+def _tls_options(url: str) -> dict | None:
+    """rediss:// URLs verify the server certificate unless the URL says otherwise."""
+    parsed = urlparse(url)
+    if parsed.scheme != "rediss":
+        return None
+    query = parse_qs(parsed.query)
+    if "ssl_cert_reqs" in query:
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
+def make_app(main: str = "identification", settings: Settings | None = None) -> Celery:
+    settings = settings or load_settings()
+    app = Celery(main, set_as_current=False)
+    app.config_from_object(celery_config(settings))
+    return app

@@ -1,0 +1,50 @@
+"""A small producer client.
+
+Other services need not use it: ``send_task`` by name with msgpack is the
+whole protocol (see docs/contract.md). This wrapper only spares them the names
+and gives the fleet-wide status broadcast.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.result import AsyncResult
+
+from tasks import contract
+from tasks.app import make_app
+from tasks.settings import Settings
+
+
+class IdentClient:
+    def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
+        self.app = app or make_app("identification-client", settings)
+
+    def _send(self, name: str, *args) -> AsyncResult:
+        # argsrepr keeps payload bytes out of worker logs and monitoring events.
+        return self.app.send_task(name, args=args, argsrepr=f"<{len(args)} arguments>")
+
+    def analyze_image(self, image: bytes, options: dict | None = None) -> AsyncResult:
+        return self._send(contract.VISION_ANALYZE, image, options)
+
+    def verify_faces(self, image_a: bytes, image_b: bytes) -> AsyncResult:
+        return self._send(contract.VISION_VERIFY, image_a, image_b)
+
+    def analyze_audio(self, audio: bytes, options: dict | None = None) -> AsyncResult:
+        return self._send(contract.AUDIO_ANALYZE, audio, options)
+
+    def verify_speakers(self, audio_a: bytes, audio_b: bytes) -> AsyncResult:
+        return self._send(contract.AUDIO_VERIFY, audio_a, audio_b)
+
+    def analyze(self, kind: str, payload: bytes, options: dict | None = None) -> AsyncResult:
+        return self._send(f"{kind}.analyze", payload, options)
+
+    def verify(self, kind: str, first: bytes, second: bytes) -> AsyncResult:
+        return self._send(f"{kind}.verify", first, second)
+
+    def status(self, kind: str) -> AsyncResult:
+        """The seed's Vision.GetStatus / Audio.GetStatus: answered by one pool process."""
+        return self._send(f"{kind}.get_status")
+
+    def model_status(self, timeout: float = 2.0) -> list[dict]:
+        """Every pool process of every worker: [{worker name: {"processes": [...]}}]."""
+        return self.app.control.broadcast(contract.MODEL_STATUS_COMMAND, reply=True, timeout=timeout)

@@ -1,0 +1,181 @@
+"""Every ``IDENT_*`` environment variable, read in one place.
+
+Producers and workers share this object, so it imports nothing but the standard
+library. The README's configuration table documents each field; the defaults
+are explained here where the reason is not obvious.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+from tasks.errors import ConfigurationError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def _default_models_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "identification" / "models"
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _parse_gpu_ids(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    return tuple(int(p) for p in parts)
+
+
+def _parse_optional_float(text: str) -> float | None:
+    return None if text.strip() == "" else float(text)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The fleet's configuration. Build it with :meth:`from_env`."""
+
+    # Broker and result backend share one Redis.
+    redis_url: str = DEFAULT_REDIS_URL
+    # One hour: long enough for a producer that polls lazily, short enough that
+    # embeddings (biometric data) do not linger in Redis.
+    result_expires: int = 3600
+    # Redis redelivers an unacknowledged job after this many seconds. It must be
+    # longer than the longest job (the hard time limit below) or a slow job is
+    # run twice; a shorter value hands a dead worker's jobs over sooner.
+    visibility_timeout: int = 600
+    models_dir: Path = field(default_factory=_default_models_dir)
+    device: str = "auto"
+    gpu_ids: tuple[int, ...] = (0,)
+    # ONNX Runtime intra-op threads per session; 0 sizes them from the cores
+    # and the pool's concurrency so the pool never oversubscribes the CPU.
+    cpu_threads: int = 0
+    # Catalog keys chosen for the slots that have alternatives.
+    face_detection_model: str = "yunet_2023mar"
+    face_embedding_model: str = "arcface_mobilefacenet"
+    speaker_model: str = "campplus_sv_zh_en"
+    spoof_model: str = "aasist"
+    liveness_ensemble: bool = True
+    # Limits on what one job may ask of a worker.
+    max_payload_bytes: int = 25 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_audio_seconds: float = 600.0
+    max_faces: int = 50
+    task_soft_time_limit: int = 120
+    task_time_limit: int = 180
+    # A job whose process died this many times is failed instead of retried.
+    max_deliveries: int = 3
+    # Face detection.
+    det_score_threshold: float = 0.6
+    det_nms_iou: float = 0.3
+    det_top_k: int = 5000
+    # Decision thresholds; None means the value the catalog calibrated for the
+    # model in use.
+    face_match_threshold: float | None = None
+    speaker_match_threshold: float | None = None
+    spoof_threshold: float | None = None
+    liveness_threshold: float = 0.5
+    # Micro-batching inside a worker process.
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    # A worker process loads and warms every model before taking jobs; Celery's
+    # default allows 4 s for that, too little for a cold disk or a GPU.
+    process_init_timeout: float = 120.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        parsers = {
+            "redis_url": str,
+            "result_expires": int,
+            "visibility_timeout": int,
+            "models_dir": lambda v: Path(v).expanduser(),
+            "device": lambda v: v.strip().lower(),
+            "gpu_ids": _parse_gpu_ids,
+            "cpu_threads": int,
+            "face_detection_model": str,
+            "face_embedding_model": str,
+            "speaker_model": str,
+            "spoof_model": str,
+            "liveness_ensemble": _parse_bool,
+            "max_payload_bytes": int,
+            "max_pixels": int,
+            "max_audio_seconds": float,
+            "max_faces": int,
+            "task_soft_time_limit": int,
+            "task_time_limit": int,
+            "max_deliveries": int,
+            "det_score_threshold": float,
+            "det_nms_iou": float,
+            "det_top_k": int,
+            "face_match_threshold": _parse_optional_float,
+            "speaker_match_threshold": _parse_optional_float,
+            "spoof_threshold": _parse_optional_float,
+            "liveness_threshold": float,
+            "max_batch": int,
+            "max_wait_ms": float,
+            "process_init_timeout": float,
+            "log_level": lambda v: v.strip().upper(),
+        }
+        values = {}
+        for f in fields(cls):
+            name = env_name(f.name)
+            raw = env.get(name)
+            if raw is None:
+                continue
+            try:
+                values[f.name] = parsers[f.name](raw)
+            except ValueError as exc:
+                raise ConfigurationError(f"{name}={raw!r} is not valid: {exc}") from None
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigurationError(
+                f"IDENT_DEVICE={self.device!r} is not valid: use one of {', '.join(DEVICES)}"
+            )
+        if not self.gpu_ids:
+            raise ConfigurationError("IDENT_GPU_IDS is empty: give at least one GPU index, e.g. 0")
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ConfigurationError(
+                "IDENT_TASK_SOFT_TIME_LIMIT must be below IDENT_TASK_TIME_LIMIT "
+                f"({self.task_soft_time_limit} >= {self.task_time_limit})"
+            )
+        for name in ("max_payload_bytes", "max_pixels", "max_faces", "max_batch", "max_deliveries"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{env_name(name)} must be at least 1")
+        if self.max_audio_seconds <= 0:
+            raise ConfigurationError("IDENT_MAX_AUDIO_SECONDS must be positive")
+
+
+    def warnings(self) -> list[str]:
+        """Settings that work but that an operator should hear about."""
+        found = []
+        if self.visibility_timeout <= self.task_time_limit:
+            found.append(
+                f"IDENT_VISIBILITY_TIMEOUT ({self.visibility_timeout} s) is not above "
+                f"IDENT_TASK_TIME_LIMIT ({self.task_time_limit} s): a job still running after "
+                f"{self.visibility_timeout} s is handed to a second worker as well"
+            )
+        return found
+
+
+def env_name(field_name: str) -> str:
+    return "IDENT_" + field_name.upper()
+
+
+def load_settings() -> Settings:
+    return Settings.from_env()

@@ -1,0 +1,317 @@
+"""What every worker shares: the per-process runtime, status, and the Celery wiring.
+
+The life of a worker process:
+
+1. The main process (``celery -A workers.vision worker``) reads the settings,
+   checks the model files and, for ``IDENT_DEVICE=cuda``, that CUDA can run;
+   a worker that cannot serve refuses to start and says why.
+2. Each pool process, after the fork, opens one ONNX Runtime session per
+   model, pinned to GPU ``IDENT_GPU_IDS[k mod n]`` for pool process k, warms
+   them up and only then takes jobs (``worker_process_init``).
+3. Each pool process publishes its status to a small file; the
+   ``model_status`` control command, which runs in the main process, reads
+   those files for the pool's live processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import re
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from celery import Celery, signals
+from celery.utils.log import current_process_index
+from celery.worker.control import inspect_command
+
+from tasks.app import make_app
+from tasks.contract import CPU_EP_NAME, CUDA_EP_NAME, MODEL_STATUS_COMMAND
+from tasks.errors import DeviceUnavailable, InvalidInput, LimitExceeded
+from tasks.settings import Settings, load_settings
+from workers import logsafety
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerIdentity:
+    """Facts about this worker that the main process learns and its children inherit."""
+
+    kind: str | None = None
+    hostname: str = field(default_factory=socket.gethostname)
+    pool_processes: int = 1
+
+
+_identity = WorkerIdentity()
+_runtime: "WorkerRuntime | None" = None
+_pipeline_factories: dict[str, Callable[..., Any]] = {}
+
+
+class WorkerRuntime:
+    """The sessions and the pipeline of one worker process."""
+
+    def __init__(self, kind: str, settings: Settings, process_index: int, pool_processes: int) -> None:
+        from models.catalog import selected_models
+        from models.runtime import cpu_threads_per_session, open_session, plan_device
+
+        self.kind = kind
+        self.settings = settings
+        self.pid = os.getpid()
+        self.process_index = process_index
+        self.device_id = settings.gpu_ids[process_index % len(settings.gpu_ids)]
+        started = time.perf_counter()
+        plan = plan_device(settings.device, self.device_id)
+        threads = cpu_threads_per_session(settings.cpu_threads, pool_processes)
+        self.specs = selected_models(settings, kind)
+        self.sessions = {
+            role: open_session(spec, settings.models_dir, plan, threads) for role, spec in self.specs.items()
+        }
+        if settings.device == "cuda":
+            on_cpu = [s.spec.key for s in self.sessions.values() if s.device != "CUDA"]
+            if on_cpu:
+                raise DeviceUnavailable(
+                    f"IDENT_DEVICE=cuda but {', '.join(on_cpu)} run on CPU: "
+                    f"{next(iter(self.sessions.values())).cpu_reason}"
+                )
+        self.pipeline = _pipeline_factories[kind](self.sessions, self.specs, settings)
+        self.load_ms = round((time.perf_counter() - started) * 1000.0, 1)
+        self.jobs = 0
+        self._published: str | None = None
+
+    def providers(self) -> tuple[str, str, dict[str, str]]:
+        """(execution_provider, device, {model: provider}) as of the last run."""
+        models = {s.spec.key: s.provider for s in self.sessions.values()}
+        distinct = sorted(set(models.values()), key=lambda p: (p != CUDA_EP_NAME, p))
+        provider = "+".join(distinct)
+        device = "CUDA" if distinct == [CUDA_EP_NAME] else ("CPU" if distinct == [CPU_EP_NAME] else "CUDA+CPU")
+        return provider, device, models
+
+    def message(self) -> str | None:
+        """Why any model is on CPU; None when everything runs on CUDA."""
+        reasons = {s.cpu_reason for s in self.sessions.values() if s.device != "CUDA" and s.cpu_reason}
+        return "; ".join(sorted(reasons)) or None
+
+    def status(self) -> dict:
+        import onnxruntime as ort
+
+        provider, device, _ = self.providers()
+        return {
+            "hostname": _identity.hostname,
+            "pid": self.pid,
+            "queue": self.kind,
+            "process_index": self.process_index,
+            "state": "ready",
+            "device": device,
+            "execution_provider": provider,
+            "message": self.message(),
+            "onnxruntime": ort.__version__,
+            "available_providers": ort.get_available_providers(),
+            "models": {s.spec.key: s.status() for s in self.sessions.values()},
+            "load_ms": self.load_ms,
+            "jobs": self.jobs,
+        }
+
+    def finish(self, result: dict) -> dict:
+        """Add the provider fields every result carries, and republish status if it changed."""
+        self.jobs += 1
+        provider, device, models = self.providers()
+        result["execution_provider"] = provider
+        result["device"] = device
+        result["models"] = models
+        self.publish_status()
+        return result
+
+    def publish_status(self, force: bool = False) -> None:
+        provider_state = json.dumps(self.providers(), sort_keys=True)
+        if force or provider_state != self._published:
+            write_status_file(self.status())
+            self._published = provider_state
+
+
+def register_pipeline(kind: str, factory: Callable[..., Any]) -> None:
+    _pipeline_factories[kind] = factory
+
+
+def current_runtime() -> WorkerRuntime:
+    """This process's runtime, built on first use in pools without worker_process_init."""
+    global _runtime
+    if _runtime is None or _runtime.pid != os.getpid():
+        if _identity.kind is None:
+            raise RuntimeError("this process is not a worker: start it with `celery -A workers.<kind> worker`")
+        _runtime = WorkerRuntime(_identity.kind, load_settings(), current_process_index(base=0) or 0,
+                                 _identity.pool_processes)
+        _runtime.publish_status(force=True)
+    return _runtime
+
+
+# --- payloads -----------------------------------------------------------------
+
+
+def payload_bytes(value: Any, name: str, settings: Settings) -> bytes:
+    """The job's payload as bytes: msgpack carries bytes; JSON producers send base64 text."""
+    import base64
+    import binascii
+
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput(
+                f"{name} is text but not base64: send raw bytes with msgpack, or base64 text with json"
+            ) from None
+    else:
+        raise InvalidInput(f"{name} must be bytes (msgpack) or base64 text (json), not {type(value).__name__}")
+    if not data:
+        raise InvalidInput(f"{name} is empty")
+    LimitExceeded.check(f"{name} size", len(data), settings.max_payload_bytes, "IDENT_MAX_PAYLOAD_BYTES", "bytes")
+    return data
+
+
+def options_dict(value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"options must be a mapping or null, not {type(value).__name__}")
+    return dict(value)
+
+
+# --- status files ---------------------------------------------------------------
+
+
+def status_dir(hostname: str | None = None) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.@-]", "_", hostname or _identity.hostname)
+    return Path(tempfile.gettempdir()) / f"identification-{os.getuid()}" / safe
+
+
+def write_status_file(status: dict) -> None:
+    folder = status_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{status['pid']}.json"
+    temporary = target.with_suffix(".tmp")
+    temporary.write_text(json.dumps(status))
+    os.replace(temporary, target)
+
+
+def read_status_file(pid: int) -> dict:
+    try:
+        return json.loads((status_dir() / f"{pid}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {
+            "hostname": _identity.hostname,
+            "pid": pid,
+            "queue": _identity.kind,
+            "state": "starting",
+            "device": None,
+            "message": "the process has not finished loading its models yet",
+        }
+
+
+@inspect_command(name=MODEL_STATUS_COMMAND)
+def model_status(state, **kwargs) -> dict:
+    """Every pool process's real sessions, one entry per process with its pid.
+
+    This runs in the worker's main process, which holds no sessions: it reads
+    what each pool child published after loading and after each change.
+    """
+    pool = state.consumer.pool
+    pids = []
+    info = pool.info if pool is not None else {}
+    if isinstance(info, dict):
+        pids = [pid for pid in info.get("processes", []) if pid]
+    if pids:
+        processes = [read_status_file(pid) for pid in pids]
+    else:  # solo and thread pools run jobs in the main process itself
+        processes = [current_runtime().status()]
+    return {"hostname": _identity.hostname, "queue": _identity.kind, "processes": processes}
+
+
+# --- Celery wiring ------------------------------------------------------------------
+
+
+def make_worker_app(kind: str) -> Celery:
+    settings = load_settings()
+    app = make_app(f"workers.{kind}", settings)
+    app.conf.worker_hijack_root_logger = True
+    app._ident_kind = kind  # noqa: SLF001 -- lets the signal handlers tell our apps apart
+    return app
+
+
+@signals.celeryd_after_setup.connect
+def _on_worker_setup(sender, instance, conf, **kwargs) -> None:
+    kind = getattr(instance.app, "_ident_kind", None)
+    if kind is None:
+        return
+    _identity.kind = kind
+    _identity.hostname = sender
+    autoscale = getattr(instance, "autoscale", None)
+    _identity.pool_processes = max(instance.concurrency or 1, *(autoscale or (0,)))
+    queues = instance.app.amqp.queues
+    if not queues.consume_from:
+        # Without -Q a worker would also consume the other kind's queue, whose
+        # tasks it cannot run; it serves its own queue by default.
+        queues.select([kind])
+    settings = load_settings()
+    for warning in settings.warnings():
+        log.warning("%s", warning)
+    _preflight(kind, settings)
+    folder = status_dir(sender)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.json"):
+        stale.unlink(missing_ok=True)
+
+
+def _preflight(kind: str, settings: Settings) -> None:
+    """Refuse to start a worker that cannot serve, with the reason."""
+    from models.catalog import selected_models
+    from models.runtime import model_path
+
+    for spec in selected_models(settings, kind).values():
+        model_path(spec, settings.models_dir)
+    if settings.device == "cuda":
+        # Probed in a throw-away process: initialising CUDA in the parent
+        # before the pool forks would break CUDA in every child.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(1) as probe_pool:
+            reason = probe_pool.apply(_cuda_reason, (settings.gpu_ids[0],))
+        if reason:
+            raise DeviceUnavailable(f"IDENT_DEVICE=cuda but CUDA cannot be used: {reason}")
+
+
+def _cuda_reason(device_id: int) -> str | None:
+    from models.cuda import explain_cpu_fallback, probe_cuda
+
+    return explain_cpu_fallback(probe_cuda(), device_id)
+
+
+@signals.worker_process_init.connect
+def _on_process_init(**kwargs) -> None:
+    if _identity.kind is None:
+        return
+    runtime = current_runtime()
+    log.info(
+        "%s pool process %d ready in %.0f ms: %s",
+        runtime.kind,
+        runtime.pid,
+        runtime.load_ms,
+        runtime.providers()[0],
+    )
+
+
+@signals.worker_process_shutdown.connect
+def _on_process_shutdown(pid=None, **kwargs) -> None:
+    if _identity.kind is None:
+        return
+    (status_dir() / f"{pid or os.getpid()}.json").unlink(missing_ok=True)
+
+
+signals.after_setup_logger.connect(logsafety.install)
+signals.after_setup_task_logger.connect(logsafety.install)
