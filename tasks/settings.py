@@ -91,7 +91,6 @@ class Settings:
     # A worker process loads and warms every model before taking jobs; Celery's
     # default allows 4 s for that, too little for a cold disk or a GPU.
     process_init_timeout: float = 120.0
-    log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -126,7 +125,6 @@ class Settings:
             "max_batch": int,
             "max_wait_ms": float,
             "process_init_timeout": float,
-            "log_level": lambda v: v.strip().upper(),
         }
         values = {}
         for f in fields(cls):

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from celery import Celery, signals
+from celery import Celery, Task, signals
 from celery.utils.log import current_process_index
 from celery.worker.control import inspect_command
 
 from tasks.app import make_app
 from tasks.contract import CPU_EP_NAME, CUDA_EP_NAME, MODEL_STATUS_COMMAND
-from tasks.errors import DeviceUnavailable, InvalidInput, LimitExceeded
+from tasks.errors import DeviceUnavailable, InvalidInput, LimitExceeded, PoisonMessage
 from tasks.settings import Settings, load_settings
 from workers import logsafety
 
@@ -149,6 +149,40 @@ def current_runtime() -> WorkerRuntime:
                                  _identity.pool_processes)
         _runtime.publish_status(force=True)
     return _runtime
+
+
+# --- delivery counting ----------------------------------------------------------
+
+
+class DeliveryCountedTask(Task):
+    """A task that gives up on a job which killed its process too often.
+
+    With late acks and reject-on-worker-lost, a job whose process dies is put
+    back on the queue. A job that kills its process every time (a poison
+    message) would loop forever; each delivery is counted in Redis, and past
+    IDENT_MAX_DELIVERIES the job fails with PoisonMessage instead of running.
+    """
+
+    abstract = True
+
+    def __call__(self, *args, **kwargs):
+        key = f"ident:deliveries:{self.request.id}"
+        client = self.app.backend.client
+        settings = current_runtime().settings
+        with client.pipeline() as pipe:
+            pipe.incr(key)
+            pipe.expire(key, max(settings.visibility_timeout, settings.task_time_limit) * (settings.max_deliveries + 1))
+            deliveries = pipe.execute()[0]
+        if deliveries > settings.max_deliveries:
+            client.delete(key)
+            raise PoisonMessage(
+                f"job {self.request.id} was delivered {deliveries} times and its worker process died "
+                f"each time (limit IDENT_MAX_DELIVERIES={settings.max_deliveries}); it is not run again"
+            )
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            client.delete(key)
 
 
 # --- payloads -----------------------------------------------------------------

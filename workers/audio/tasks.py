@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from tasks import contract
 from workers.audio import app
-from workers.bootstrap import current_runtime, options_dict, payload_bytes
+from workers.bootstrap import DeliveryCountedTask, current_runtime, options_dict, payload_bytes
 
 
-@app.task(name=contract.AUDIO_ANALYZE)
+@app.task(base=DeliveryCountedTask, name=contract.AUDIO_ANALYZE)
 def analyze(audio, options=None) -> dict:
     runtime = current_runtime()
     data = payload_bytes(audio, "audio", runtime.settings)
     return runtime.finish(runtime.pipeline.analyze(data, options_dict(options)))
 
 
-@app.task(name=contract.AUDIO_VERIFY)
+@app.task(base=DeliveryCountedTask, name=contract.AUDIO_VERIFY)
 def verify(audio_a, audio_b) -> dict:
     runtime = current_runtime()
     first = payload_bytes(audio_a, "audio_a", runtime.settings)
@@ -22,6 +22,6 @@ def verify(audio_a, audio_b) -> dict:
     return runtime.finish(runtime.pipeline.verify(first, second))
 
 
-@app.task(name=contract.AUDIO_GET_STATUS)
+@app.task(base=DeliveryCountedTask, name=contract.AUDIO_GET_STATUS)
 def get_status() -> dict:
     return current_runtime().status()

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from tasks import contract
-from workers.bootstrap import current_runtime, options_dict, payload_bytes
+from workers.bootstrap import DeliveryCountedTask, current_runtime, options_dict, payload_bytes
 from workers.vision import app
 
 
-@app.task(name=contract.VISION_ANALYZE)
+@app.task(base=DeliveryCountedTask, name=contract.VISION_ANALYZE)
 def analyze(image, options=None) -> dict:
     runtime = current_runtime()
     data = payload_bytes(image, "image", runtime.settings)
     return runtime.finish(runtime.pipeline.analyze(data, options_dict(options)))
 
 
-@app.task(name=contract.VISION_VERIFY)
+@app.task(base=DeliveryCountedTask, name=contract.VISION_VERIFY)
 def verify(image_a, image_b) -> dict:
     runtime = current_runtime()
     first = payload_bytes(image_a, "image_a", runtime.settings)
@@ -22,6 +22,6 @@ def verify(image_a, image_b) -> dict:
     return runtime.finish(runtime.pipeline.verify(first, second))
 
 
-@app.task(name=contract.VISION_GET_STATUS)
+@app.task(base=DeliveryCountedTask, name=contract.VISION_GET_STATUS)
 def get_status() -> dict:
     return current_runtime().status()

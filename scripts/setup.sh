@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: virtual environment, dependencies, models.
+# Models come from ../shared/models when it exists (or IDENT_MODELS_MIRROR), else upstream.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "identification needs Python >= 3.11 (found $("$PYTHON" --version 2>&1)); set PYTHON=python3.11" >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  touch "$stamp"
+fi
+
+mirror=${IDENT_MODELS_MIRROR:-}
+if [ -z "$mirror" ] && [ -d ../shared/models ]; then
+  mirror=$(cd ../shared/models && pwd)
+fi
+if [ -n "$mirror" ]; then
+  .venv/bin/ident models fetch --from "$mirror"
+else
+  .venv/bin/ident models fetch
+fi

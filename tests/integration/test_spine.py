@@ -1,0 +1,95 @@
+"""The fleet spine, end to end: queues, status, the model_status broadcast."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _driver_present() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("kind", ["vision", "audio"])
+def test_get_status_answers_from_its_own_queue(fleet, client, kind):
+    status = client.status(kind).get(timeout=30)
+    assert status["queue"] == kind
+    assert status["execution_provider"] and status["device"] in ("CUDA", "CPU", "CUDA+CPU")
+    assert status["onnxruntime"] and "CPUExecutionProvider" in status["available_providers"]
+    assert status["models"], "every model of the worker is listed"
+    for model in status["models"].values():
+        assert model["provider"] and len(model["sha256"]) == 64 and model["file"].endswith(".onnx")
+    if not _driver_present():
+        # The real fallback on this GPU-less host: the message names the library.
+        assert status["device"] == "CPU"
+        assert "libcuda.so.1" in status["message"]
+        assert "cannot open shared object file" in status["message"]
+
+
+def test_model_status_lists_every_pool_process(fleet, client):
+    replies = client.model_status(timeout=3)
+    workers = {name: body for reply in replies for name, body in reply.items()}
+    assert {"vision-a@itest", "audio-a@itest"} <= set(workers)
+    vision = workers["vision-a@itest"]["processes"]
+    audio = workers["audio-a@itest"]["processes"]
+    assert len(vision) == 2 and len(audio) == 1
+    assert len({p["pid"] for p in vision}) == 2
+    real_pids = {fleet["vision"].process.pid, fleet["audio"].process.pid}
+    for process in vision + audio:
+        assert process["state"] == "ready"
+        assert process["pid"] not in real_pids, "entries are the pool children, not the main process"
+        assert process["models"] and process["device"]
+
+
+def test_inspect_command_line_works(fleet, fleet_env):
+    completed = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.vision", "inspect", "model_status", "--json", "-t", "3"],
+        env=fleet_env, capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "vision-a@itest" in completed.stdout and "audio-a@itest" in completed.stdout
+
+
+def test_a_client_that_imports_nothing_from_the_repo(fleet, fleet_env, tmp_path):
+    """Another service: plain Celery send_task by name, msgpack, no project imports."""
+    script = tmp_path / "outside_client.py"
+    script.write_text(textwrap.dedent(
+        """
+        import json, os, sys
+        from celery import Celery
+        assert not any(m.split('.')[0] in ('tasks', 'workers', 'models', 'ident') for m in sys.modules)
+        url = os.environ["IDENT_REDIS_URL"]
+        app = Celery("outsider", broker=url, backend=url)
+        app.conf.update(task_serializer="msgpack", result_serializer="msgpack",
+                        accept_content=["msgpack"], result_accept_content=["msgpack"])
+        out = {}
+        for kind in ("vision", "audio"):
+            result = app.send_task(f"{kind}.get_status", queue=kind)
+            out[kind] = result.get(timeout=30)
+        out["broadcast"] = app.control.broadcast("model_status", reply=True, timeout=3)
+        print(json.dumps(out))
+        """
+    ))
+    completed = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env={**fleet_env, "PYTHONPATH": ""},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    out = json.loads(completed.stdout)
+    assert out["vision"]["queue"] == "vision" and out["audio"]["queue"] == "audio"
+    for kind in ("vision", "audio"):
+        assert out[kind]["execution_provider"] and out[kind]["device"]
+        assert all(m["provider"] for m in out[kind]["models"].values())
+    names = {name for reply in out["broadcast"] for name in reply}
+    assert {"vision-a@itest", "audio-a@itest"} <= names

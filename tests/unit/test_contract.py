@@ -1,0 +1,46 @@
+import subprocess
+import sys
+
+import pytest
+
+from tasks import contract
+from tasks.app import celery_config
+from tasks.settings import Settings
+from tests.conftest import REPO_ROOT
+
+
+def test_queue_routing_by_name_prefix():
+    assert contract.queue_for(contract.VISION_ANALYZE) == "vision"
+    assert contract.queue_for(contract.AUDIO_GET_STATUS) == "audio"
+    with pytest.raises(ValueError):
+        contract.queue_for("other.task")
+
+
+def test_celery_configuration_follows_the_contract():
+    config = celery_config(Settings.from_env({"IDENT_VISIBILITY_TIMEOUT": "900", "IDENT_RESULT_EXPIRES": "60"}))
+    assert config["task_serializer"] == config["result_serializer"] == "msgpack"
+    assert "pickle" not in config["accept_content"] and "pickle" not in config["result_accept_content"]
+    assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
+    assert config["worker_prefetch_multiplier"] == 1
+    assert config["broker_transport_options"]["visibility_timeout"] == 900
+    assert config["result_expires"] == 60
+    assert config["broker_url"] == config["result_backend"]
+    assert config["task_routes"]["vision.*"]["queue"] == "vision"
+    assert config["task_routes"]["audio.*"]["queue"] == "audio"
+
+
+def test_tls_urls_verify_certificates():
+    import ssl
+
+    config = celery_config(Settings.from_env({"IDENT_REDIS_URL": "rediss://:pw@redis.example:6380/0"}))
+    assert config["broker_use_ssl"]["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+    assert config["redis_backend_use_ssl"]["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+
+
+def test_producer_side_imports_nothing_heavy():
+    code = (
+        "import sys, tasks.client, tasks.app, tasks.contract, tasks.errors, tasks.settings\n"
+        "heavy = [m for m in ('onnxruntime', 'cv2', 'numpy', 'soundfile') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)

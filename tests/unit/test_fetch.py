@@ -1,0 +1,60 @@
+import hashlib
+import http.server
+import threading
+from dataclasses import replace
+from functools import partial
+
+import pytest
+
+from models.catalog import CATALOG
+from models.fetch import fetch_one, verify
+from tasks.errors import ModelUnavailable
+
+SPEC = CATALOG["yunet_2023mar"]
+
+
+def test_fetch_from_a_folder_mirror_checks_the_hash(models_path, tmp_path):
+    seen = []
+    path = fetch_one(SPEC, tmp_path, str(models_path), progress=lambda done, total: seen.append((done, total)))
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == SPEC.sha256
+    assert seen[-1] == (SPEC.size_bytes, SPEC.size_bytes)
+    assert [c.state for c in verify([SPEC], tmp_path)] == ["ok"]
+
+
+def test_a_mismatch_keeps_nothing(models_path, tmp_path):
+    wrong = replace(SPEC, sha256="0" * 64)
+    with pytest.raises(ModelUnavailable, match="nothing was kept"):
+        fetch_one(wrong, tmp_path, str(models_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_reports_missing_and_corrupt_files(tmp_path):
+    (tmp_path / SPEC.filename).write_bytes(b"not a model")
+    other = CATALOG["arcface_mobilefacenet"]
+    states = {c.spec.key: c.state for c in verify([SPEC, other], tmp_path)}
+    assert states == {SPEC.key: "mismatch", other.key: "missing"}
+
+
+def test_fetch_from_an_http_mirror(models_path, tmp_path):
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(models_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        path = fetch_one(SPEC, tmp_path / "models", url)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == SPEC.sha256
+        with pytest.raises(ModelUnavailable, match="cannot download"):
+            fetch_one(replace(SPEC, filename="absent.onnx"), tmp_path / "models", url)
+    finally:
+        server.shutdown()
+
+
+def test_converted_models_need_a_mirror(tmp_path):
+    with pytest.raises(ModelUnavailable, match="--from"):
+        fetch_one(CATALOG["aasist"], tmp_path)
+
+
+def test_unpinned_models_are_never_fetched(tmp_path):
+    with pytest.raises(ModelUnavailable, match="no sha256 is pinned"):
+        fetch_one(CATALOG["arcface_w600k_mbf"], tmp_path)
