@@ -315,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
+    from ident import bench
+
+    parser = sub.add_parser("bench", help="throughput and latency of the running fleet against raw ONNX Runtime")
+    bench.add_arguments(parser)
+    parser.set_defaults(func=bench.run)
     try:
         from ident import doctor
     except ImportError:

@@ -1,27 +1,42 @@
 """A small producer client.
 
 Other services need not use it: ``send_task`` by name with msgpack is the
-whole protocol (see docs/contract.md). This wrapper only spares them the names
-and gives the fleet-wide status broadcast.
+whole protocol (see docs/contract.md). This wrapper spares them the names,
+passes large payloads by reference, and gives the fleet-wide status broadcast.
 """
 
 from __future__ import annotations
+
+import uuid
 
 from celery import Celery
 from celery.result import AsyncResult
 
 from tasks import contract
 from tasks.app import make_app
-from tasks.settings import Settings
+from tasks.settings import Settings, load_settings
 
 
 class IdentClient:
     def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
-        self.app = app or make_app("identification-client", settings)
+        self.settings = settings or load_settings()
+        self.app = app or make_app("identification-client", self.settings)
+
+    def _argument(self, payload):
+        """Payloads over IDENT_PAYLOAD_REF_BYTES travel by reference, raw, once."""
+        if not isinstance(payload, (bytes, bytearray)) or len(payload) <= self.settings.payload_ref_bytes:
+            return payload
+        key = f"{contract.PAYLOAD_KEY_PREFIX}{uuid.uuid4().hex}"
+        # Long enough for every redelivery of the job; workers delete it once done.
+        ttl = self.settings.visibility_timeout * (self.settings.max_deliveries + 1)
+        self.app.backend.client.set(key, bytes(payload), ex=ttl)
+        return {contract.PAYLOAD_REF_FIELD: key}
 
     def _send(self, name: str, *args) -> AsyncResult:
         # argsrepr keeps payload bytes out of worker logs and monitoring events.
-        return self.app.send_task(name, args=args, argsrepr=f"<{len(args)} arguments>")
+        return self.app.send_task(
+            name, args=[self._argument(a) for a in args], argsrepr=f"<{len(args)} arguments>"
+        )
 
     def analyze_image(self, image: bytes, options: dict | None = None) -> AsyncResult:
         return self._send(contract.VISION_ANALYZE, image, options)

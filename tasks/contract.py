@@ -29,6 +29,12 @@ AUDIO_GET_STATUS = "audio.get_status"
 # processes: `celery -A workers.vision inspect model_status`.
 MODEL_STATUS_COMMAND = "model_status"
 
+# Pass-by-reference: a payload argument may be {"payload_ref": key}, where key
+# (starting with the prefix) holds the bytes in the broker's Redis. Workers
+# delete the key once the job is finished.
+PAYLOAD_REF_FIELD = "payload_ref"
+PAYLOAD_KEY_PREFIX = "ident:payload:"
+
 # Execution provider names as ONNX Runtime spells them.
 CUDA_EP_NAME = "CUDAExecutionProvider"
 CPU_EP_NAME = "CPUExecutionProvider"

@@ -85,6 +85,10 @@ class Settings:
     speaker_match_threshold: float | None = None
     spoof_threshold: float | None = None
     liveness_threshold: float = 0.5
+    # The producer client passes payloads larger than this by reference: the
+    # bytes go to Redis once, raw, instead of base64 inside the message and
+    # again in the broker's unacknowledged-message copy.
+    payload_ref_bytes: int = 32 * 1024
     # Micro-batching inside a worker process.
     max_batch: int = 8
     max_wait_ms: float = 5.0
@@ -122,6 +126,7 @@ class Settings:
             "speaker_match_threshold": _parse_optional_float,
             "spoof_threshold": _parse_optional_float,
             "liveness_threshold": float,
+            "payload_ref_bytes": int,
             "max_batch": int,
             "max_wait_ms": float,
             "process_init_timeout": float,

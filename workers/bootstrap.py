@@ -32,7 +32,13 @@ from celery.utils.log import current_process_index
 from celery.worker.control import inspect_command
 
 from tasks.app import make_app
-from tasks.contract import CPU_EP_NAME, CUDA_EP_NAME, MODEL_STATUS_COMMAND
+from tasks.contract import (
+    CPU_EP_NAME,
+    CUDA_EP_NAME,
+    MODEL_STATUS_COMMAND,
+    PAYLOAD_KEY_PREFIX,
+    PAYLOAD_REF_FIELD,
+)
 from tasks.errors import DeviceUnavailable, InvalidInput, LimitExceeded, PoisonMessage
 from tasks.settings import Settings, load_settings
 from workers import logsafety
@@ -83,6 +89,7 @@ class WorkerRuntime:
         self.pipeline = _pipeline_factories[kind](self.sessions, self.specs, settings)
         self.load_ms = round((time.perf_counter() - started) * 1000.0, 1)
         self.jobs = 0
+        self.job_started_at: float | None = None
         self._published: str | None = None
 
     def providers(self) -> tuple[str, str, dict[str, str]]:
@@ -125,6 +132,14 @@ class WorkerRuntime:
         result["execution_provider"] = provider
         result["device"] = device
         result["models"] = models
+        # Wall-clock stamps let a caller tell time spent queued from time spent
+        # in transport (ident bench does); they identify no person.
+        result["worker"] = {
+            "hostname": _identity.hostname,
+            "pid": self.pid,
+            "started_at": self.job_started_at,
+            "finished_at": time.time(),
+        }
         self.publish_status()
         return result
 
@@ -151,11 +166,11 @@ def current_runtime() -> WorkerRuntime:
     return _runtime
 
 
-# --- delivery counting ----------------------------------------------------------
+# --- the task base class ----------------------------------------------------------
 
 
-class DeliveryCountedTask(Task):
-    """A task that gives up on a job which killed its process too often.
+class FleetTask(Task):
+    """Base of every fleet task: delivery counting, payloads, job timestamps.
 
     With late acks and reject-on-worker-lost, a job whose process dies is put
     back on the queue. A job that kills its process every time (a poison
@@ -166,9 +181,11 @@ class DeliveryCountedTask(Task):
     abstract = True
 
     def __call__(self, *args, **kwargs):
-        key = f"ident:deliveries:{self.request.id}"
+        runtime = current_runtime()
+        runtime.job_started_at = time.time()
+        settings = runtime.settings
         client = self.app.backend.client
-        settings = current_runtime().settings
+        key = f"ident:deliveries:{self.request.id}"
         with client.pipeline() as pipe:
             pipe.incr(key)
             pipe.expire(key, max(settings.visibility_timeout, settings.task_time_limit) * (settings.max_deliveries + 1))
@@ -182,14 +199,37 @@ class DeliveryCountedTask(Task):
         try:
             return super().__call__(*args, **kwargs)
         finally:
-            client.delete(key)
+            # Reached only when the job finished, well or badly; a process that
+            # dies mid-job skips this, so a redelivery still finds its payload.
+            references = [a[PAYLOAD_REF_FIELD] for a in args if isinstance(a, dict) and PAYLOAD_REF_FIELD in a]
+            client.delete(key, *[r for r in references if _is_payload_key(r)])
+
+    def payload(self, value: Any, name: str) -> bytes:
+        """The job's payload as bytes.
+
+        msgpack producers send bytes; JSON producers send base64 text; large
+        payloads may be passed by reference: ``{"payload_ref": "ident:payload:..."}``,
+        a Redis key the producer stored the bytes under (see docs/contract.md).
+        """
+        settings = current_runtime().settings
+        if isinstance(value, dict) and PAYLOAD_REF_FIELD in value:
+            reference = value[PAYLOAD_REF_FIELD]
+            if not _is_payload_key(reference):
+                raise InvalidInput(f"{name}.{PAYLOAD_REF_FIELD} must be a Redis key starting with {PAYLOAD_KEY_PREFIX!r}")
+            value = self.app.backend.client.get(reference)
+            if value is None:
+                raise InvalidInput(
+                    f"{name} refers to {reference}, which is not in Redis: it expired or was never stored"
+                )
+        return payload_bytes(value, name, settings)
 
 
-# --- payloads -----------------------------------------------------------------
+def _is_payload_key(reference: Any) -> bool:
+    return isinstance(reference, str) and reference.startswith(PAYLOAD_KEY_PREFIX) and len(reference) < 200
 
 
 def payload_bytes(value: Any, name: str, settings: Settings) -> bytes:
-    """The job's payload as bytes: msgpack carries bytes; JSON producers send base64 text."""
+    """Bytes from msgpack bytes or JSON base64 text, checked against the size limit."""
     import base64
     import binascii
 
@@ -203,7 +243,9 @@ def payload_bytes(value: Any, name: str, settings: Settings) -> bytes:
                 f"{name} is text but not base64: send raw bytes with msgpack, or base64 text with json"
             ) from None
     else:
-        raise InvalidInput(f"{name} must be bytes (msgpack) or base64 text (json), not {type(value).__name__}")
+        raise InvalidInput(
+            f"{name} must be bytes (msgpack), base64 text (json) or a payload reference, not {type(value).__name__}"
+        )
     if not data:
         raise InvalidInput(f"{name} is empty")
     LimitExceeded.check(f"{name} size", len(data), settings.max_payload_bytes, "IDENT_MAX_PAYLOAD_BYTES", "bytes")

@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 from tasks import contract
-from workers.bootstrap import DeliveryCountedTask, current_runtime, options_dict, payload_bytes
+from workers.bootstrap import FleetTask, current_runtime, options_dict
 from workers.vision import app
 
 
-@app.task(base=DeliveryCountedTask, name=contract.VISION_ANALYZE)
-def analyze(image, options=None) -> dict:
+@app.task(base=FleetTask, bind=True, name=contract.VISION_ANALYZE)
+def analyze(self, image, options=None) -> dict:
     runtime = current_runtime()
-    data = payload_bytes(image, "image", runtime.settings)
+    data = self.payload(image, "image")
     return runtime.finish(runtime.pipeline.analyze(data, options_dict(options)))
 
 
-@app.task(base=DeliveryCountedTask, name=contract.VISION_VERIFY)
-def verify(image_a, image_b) -> dict:
+@app.task(base=FleetTask, bind=True, name=contract.VISION_VERIFY)
+def verify(self, image_a, image_b) -> dict:
     runtime = current_runtime()
-    first = payload_bytes(image_a, "image_a", runtime.settings)
-    second = payload_bytes(image_b, "image_b", runtime.settings)
+    first = self.payload(image_a, "image_a")
+    second = self.payload(image_b, "image_b")
     return runtime.finish(runtime.pipeline.verify(first, second))
 
 
-@app.task(base=DeliveryCountedTask, name=contract.VISION_GET_STATUS)
-def get_status() -> dict:
+@app.task(base=FleetTask, bind=True, name=contract.VISION_GET_STATUS)
+def get_status(self) -> dict:
     return current_runtime().status()

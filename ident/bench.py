@@ -1,0 +1,390 @@
+"""``ident bench``: the running fleet against the same pipeline on raw ONNX Runtime.
+
+The fleet run drives the fleet at IDENT_REDIS_URL with real files, keeping
+``concurrency`` jobs in flight. The baseline runs the very same pipeline code
+in-process on plain ONNX Runtime sessions, with as many processes and threads
+as the fleet's pool uses, on the same inputs. Both run one after the other in
+one invocation, so the ratio between them is what to quote: the absolute
+numbers move with whatever else the machine is doing.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tasks.errors import IdentError
+
+console = Console(stderr=True)
+
+EXTENSIONS = {
+    "vision": {".jpg", ".jpeg", ".png", ".webp", ".bmp"},
+    "audio": {".wav", ".flac", ".mp3", ".ogg", ".opus"},
+}
+DATA_FOLDERS = {"vision": "images", "audio": "audio"}
+
+
+def default_inputs_dir(kind: str) -> Path:
+    shared = Path(os.environ.get("IDENT_SHARED_DIR", Path(__file__).resolve().parent.parent.parent / "shared"))
+    return Path(os.environ.get("IDENT_DATA_DIR", shared / "data")) / DATA_FOLDERS[kind]
+
+
+def load_inputs(kind: str, folder: Path | None) -> list[tuple[str, bytes]]:
+    folder = folder or default_inputs_dir(kind)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS[kind] and p.is_file())
+    if not files:
+        raise IdentError(f"no {kind} inputs under {folder}: pass --inputs DIR")
+    return [(str(p.relative_to(folder)), p.read_bytes()) for p in files]
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
+    array = np.asarray(values)
+    return {f"p{q}": round(float(np.percentile(array, q)), 2) for q in (50, 95, 99)}
+
+
+def units_of(kind: str, result: dict) -> float:
+    """Images for vision, seconds of audio for audio."""
+    return float(result.get("duration_s", 0.0)) if kind == "audio" else 1.0
+
+
+@dataclass
+class JobRecord:
+    sent_at: float
+    received_at: float
+    worker_ms: float = 0.0
+    units: float = 0.0
+    worker: tuple[str, int] | None = None
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    error: str | None = None
+
+    @property
+    def end_to_end_ms(self) -> float:
+        return (self.received_at - self.sent_at) * 1000.0
+
+
+def split_overhead(records: list[JobRecord]) -> None:
+    """Split each job's time outside the worker into waiting and queue overhead.
+
+    A job sent while every pool process is busy waits for one to free up; that
+    wait measures the load, not the queue. What the queue itself costs is the
+    gap between a process being free for the job and the job starting
+    (dispatch), plus the gap between the job ending and the result reaching the
+    producer (return). Timestamps come from the worker's result (same clock on
+    one machine).
+    """
+    by_process: dict[tuple[str, int], list[JobRecord]] = {}
+    for record in records:
+        if record.error is None and record.worker is not None:
+            by_process.setdefault(record.worker, []).append(record)
+    for jobs in by_process.values():
+        jobs.sort(key=lambda r: r.started_at)
+        free_at = float("-inf")
+        for record in jobs:
+            ready_at = max(record.sent_at, free_at)
+            record.dispatch_ms = max(0.0, (record.started_at - ready_at) * 1000.0)
+            record.return_ms = max(0.0, (record.received_at - record.finished_at) * 1000.0)
+            record.waiting_ms = max(0.0, (ready_at - record.sent_at) * 1000.0)
+            free_at = record.finished_at
+
+
+# --- the fleet -------------------------------------------------------------------
+
+
+def run_fleet(kind: str, inputs: list[tuple[str, bytes]], jobs: int, concurrency: int, progress=None,
+              by_reference: bool = True) -> dict:
+    """Keep ``concurrency`` jobs in flight; one producer connection per slot."""
+    import dataclasses
+
+    from tasks.client import IdentClient
+    from tasks.settings import load_settings
+
+    settings = load_settings()
+    if not by_reference:
+        settings = dataclasses.replace(settings, payload_ref_bytes=1 << 62)
+    lock = threading.Lock()
+    next_job = iter(range(jobs))
+    records: list[JobRecord] = []
+
+    def slot() -> None:
+        client = IdentClient(settings)
+        while True:
+            with lock:
+                index = next(next_job, None)
+            if index is None:
+                return
+            payload = inputs[index % len(inputs)][1]
+            sent_at = time.time()
+            try:
+                result = client.analyze(kind, payload).get(timeout=300)
+                worker = result["worker"]
+                record = JobRecord(sent_at, time.time(), float(result["timings_ms"]["total"]),
+                                   units_of(kind, result), (worker["hostname"], worker["pid"]),
+                                   worker["started_at"], worker["finished_at"])
+            except Exception as exc:  # a job's own failure is part of the report
+                record = JobRecord(sent_at, time.time(), error=type(exc).__name__)
+            with lock:
+                records.append(record)
+            if progress:
+                progress()
+
+    threads = [threading.Thread(target=slot, daemon=True) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    ok = [r for r in records if r.error is None]
+    split_overhead(ok)
+    return {
+        "wall_s": round(wall, 3),
+        "throughput_per_s": round(len(ok) / wall, 3),
+        "units_per_s": round(sum(r.units for r in ok) / wall, 3),
+        "latency_ms": percentiles([r.end_to_end_ms for r in ok]),
+        "worker_ms": percentiles([r.worker_ms for r in ok]),
+        "overhead_ms": percentiles([r.dispatch_ms + r.return_ms for r in ok]),
+        "dispatch_ms": percentiles([r.dispatch_ms for r in ok]),
+        "return_ms": percentiles([r.return_ms for r in ok]),
+        "waiting_ms": percentiles([r.waiting_ms for r in ok]),
+        "errors": sorted({r.error for r in records if r.error}),
+        "failed": len(records) - len(ok),
+    }
+
+
+def fleet_shape(kind: str, timeout: float = 3.0) -> dict:
+    """Pool processes and session threads of the running fleet's ``kind`` workers."""
+    from tasks.client import IdentClient
+
+    processes = [
+        process
+        for reply in IdentClient().model_status(timeout=timeout)
+        for body in reply.values()
+        for process in body.get("processes", [])
+        if process.get("queue") == kind and process.get("state") == "ready"
+    ]
+    if not processes:
+        raise IdentError(f"no ready {kind} worker answered at IDENT_REDIS_URL: start the fleet first")
+    threads = max(m["threads"] for p in processes for m in p["models"].values())
+    return {
+        "workers": sorted({p["hostname"] for p in processes}),
+        "processes": len(processes),
+        "threads": threads,
+        "execution_provider": sorted({p["execution_provider"] for p in processes}),
+    }
+
+
+def redis_bytes_in() -> int:
+    import redis
+
+    from tasks.settings import load_settings
+
+    return int(redis.Redis.from_url(load_settings().redis_url).info("stats")["total_net_input_bytes"])
+
+
+# --- the baseline ------------------------------------------------------------------
+
+_baseline_runtime = None
+
+
+def _baseline_init(kind: str, threads: int, index: int) -> None:
+    global _baseline_runtime
+    import dataclasses
+
+    from tasks.settings import load_settings
+    from workers.bootstrap import WorkerRuntime
+
+    if kind == "vision":
+        import workers.vision  # noqa: F401 -- registers the vision pipeline
+    else:
+        import workers.audio  # noqa: F401 -- registers the audio pipeline
+    settings = dataclasses.replace(load_settings(), cpu_threads=threads)
+    _baseline_runtime = WorkerRuntime(kind, settings, index, 1)
+
+
+def _baseline_job(payloads: list[bytes]) -> float:
+    results = _baseline_runtime.pipeline.analyze_many(payloads, [None] * len(payloads))
+    return sum(units_of(_baseline_runtime.kind, r) for r in results if isinstance(r, dict))
+
+
+def _baseline_ready(_) -> int:
+    return os.getpid()
+
+
+def _baseline_process_init(kind: str, threads: int, counter) -> None:
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    _baseline_init(kind, threads, index)
+
+
+def run_baseline(kind: str, inputs: list[tuple[str, bytes]], jobs: int, processes: int, threads: int,
+                 batch: int = 1, progress=None) -> dict:
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("i", 0)
+    work = []
+    for start in range(0, jobs, batch):
+        work.append([inputs[i % len(inputs)][1] for i in range(start, min(start + batch, jobs))])
+    with context.Pool(processes, initializer=_baseline_process_init, initargs=(kind, threads, counter)) as pool:
+        pool.map(_baseline_ready, range(processes * 4), chunksize=1)
+        started = time.perf_counter()
+        units = 0.0
+        for job_units, payloads in zip(pool.imap(_baseline_job, work, chunksize=1), work):
+            units += job_units
+            if progress:
+                progress(len(payloads))
+        wall = time.perf_counter() - started
+    return {
+        "wall_s": round(wall, 3),
+        "throughput_per_s": round(jobs / wall, 3),
+        "units_per_s": round(units / wall, 3),
+        "processes": processes,
+        "threads": threads,
+        "batch": batch,
+    }
+
+
+# --- the command ---------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import onnxruntime as ort
+
+    model = ""
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+    }
+
+
+def bench(kind: str, jobs: int, concurrency: int, batch: int, inputs_dir: Path | None,
+          by_reference: bool = True) -> dict:
+    inputs = load_inputs(kind, inputs_dir)
+    shape = fleet_shape(kind)
+    payload_mean = float(np.mean([len(inputs[i % len(inputs)][1]) for i in range(jobs)]))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        warm_jobs = min(len(inputs), 2 * shape["processes"])
+        warm = progress.add_task("fleet warm-up", total=warm_jobs)
+        run_fleet(kind, inputs, warm_jobs, shape["processes"], lambda: progress.advance(warm))
+        fleet_task = progress.add_task(f"fleet, {concurrency} in flight", total=jobs)
+        bytes_before = redis_bytes_in()
+        fleet = run_fleet(kind, inputs, jobs, concurrency, lambda: progress.advance(fleet_task), by_reference)
+        bytes_per_job = (redis_bytes_in() - bytes_before) / jobs
+        base_task = progress.add_task(f"baseline, {shape['processes']} processes", total=jobs)
+        baseline = run_baseline(kind, inputs, jobs, shape["processes"], shape["threads"], batch,
+                                lambda n: progress.advance(base_task, n))
+    ratio = fleet["throughput_per_s"] / baseline["throughput_per_s"] if baseline["throughput_per_s"] else 0.0
+    return {
+        "kind": kind,
+        "settings": {"jobs": jobs, "concurrency": concurrency, "batch": batch, "inputs": len(inputs),
+                     "payloads_by_reference": by_reference, "fleet": shape},
+        "machine": machine(),
+        "throughput_per_s": fleet["throughput_per_s"],
+        "units_per_s": fleet["units_per_s"],
+        "units": "images" if kind == "vision" else "audio_seconds",
+        "baseline_per_s": baseline["throughput_per_s"],
+        "ratio_to_baseline": round(ratio, 3),
+        "overhead_ms_p50": fleet["overhead_ms"]["p50"],
+        "latency_ms": fleet["latency_ms"],
+        "wire": {
+            "payload_bytes_mean": round(payload_mean),
+            "redis_bytes_in_per_job": round(bytes_per_job),
+            "ratio_to_payload": round(bytes_per_job / payload_mean, 3),
+        },
+        "fleet": fleet,
+        "baseline": baseline,
+    }
+
+
+def render(report: dict) -> Table:
+    table = Table(title=f"ident bench: {report['kind']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("fleet throughput (jobs/s)", report["throughput_per_s"]),
+        (f"fleet {report['units']}/s", report["units_per_s"]),
+        ("baseline throughput (jobs/s)", report["baseline_per_s"]),
+        ("ratio_to_baseline", report["ratio_to_baseline"]),
+        ("latency p50 / p95 / p99 (ms)", " / ".join(str(report["latency_ms"][k]) for k in ("p50", "p95", "p99"))),
+        ("queue overhead p50 (ms): dispatch + return", report["overhead_ms_p50"]),
+        ("waiting for a free process p50 (ms)", report["fleet"]["waiting_ms"]["p50"]),
+        ("redis bytes in per job / payload", report["wire"]["ratio_to_payload"]),
+        ("failed jobs", report["fleet"]["failed"]),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    return table
+
+
+def chart(reports: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["settings"]["concurrency"] for r in reports]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(x, [r["throughput_per_s"] for r in reports], marker="o", label="fleet")
+    left.plot(x, [r["baseline_per_s"] for r in reports], marker="s", linestyle="--", label="raw ORT baseline")
+    left.set_xlabel("jobs in flight")
+    left.set_ylabel("jobs/s")
+    left.legend()
+    for key in ("p50", "p95", "p99"):
+        right.plot(x, [r["latency_ms"][key] for r in reports], marker="o", label=key)
+    right.set_xlabel("jobs in flight")
+    right.set_ylabel("end-to-end latency (ms)")
+    right.legend()
+    fig.suptitle(f"{reports[0]['kind']} pipeline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--kind", choices=("vision", "audio"), required=True)
+    parser.add_argument("--jobs", type=int, default=120)
+    parser.add_argument("--concurrency", default="8",
+                        help="jobs in flight; a comma list (1,4,8,16) runs one bench per value")
+    parser.add_argument("--batch", type=int, default=1, help="jobs per call in the baseline's analyze_many")
+    parser.add_argument("--inputs", type=Path, help="folder of input files (default: ../shared/data)")
+    parser.add_argument("--inline", action="store_true",
+                        help="send every payload inside the message instead of by reference")
+    parser.add_argument("--json", type=Path, dest="json_path", help="write the report here")
+    parser.add_argument("--chart", type=Path, help="write a PNG of throughput and latency against concurrency")
+
+
+def run(args) -> int:
+    levels = [int(v) for v in str(args.concurrency).split(",") if v.strip()]
+    reports = [bench(args.kind, args.jobs, level, args.batch, args.inputs, not args.inline) for level in levels]
+    for report in reports:
+        Console().print(render(report))
+    if args.json_path:
+        args.json_path.write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    if args.chart:
+        chart(reports, args.chart)
+    return 0 if all(r["fleet"]["failed"] == 0 for r in reports) else 1
