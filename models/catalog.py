@@ -110,7 +110,7 @@ CATALOG: dict[str, ModelSpec] = {
                 "mean": 127.5,
                 "std": 127.5,
                 # Cosine threshold for same_person, calibrated on ../shared/data.
-                "match_threshold": 0.35,
+                "match_threshold": 0.30,
             },
         ),
         ModelSpec(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from tasks import contract
-from workers.bootstrap import FleetTask, current_runtime, options_dict
+from workers.bootstrap import AnalyzeTask, FleetTask, analyze_strategy, current_runtime, options_dict
 from workers.vision import app
 
 
-@app.task(base=FleetTask, bind=True, name=contract.VISION_ANALYZE)
+@app.task(base=AnalyzeTask, bind=True, name=contract.VISION_ANALYZE, payload_name="image",
+          Strategy=analyze_strategy())
 def analyze(self, image, options=None) -> dict:
     runtime = current_runtime()
     data = self.payload(image, "image")

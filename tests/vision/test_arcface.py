@@ -1,0 +1,65 @@
+"""ArcFace embeddings and the identity decision on the labelled face pairs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from face_pairs import accuracy, auc, pair_scores
+from models.catalog import ARCFACE_TEMPLATE_112, get_spec
+from tasks.errors import InvalidInput
+from workers.vision.align import align_faces
+from workers.vision.arcface import ArcFace
+
+
+@pytest.fixture(scope="module")
+def arcface(cpu_session_factory, embedding_spec):
+    return ArcFace(cpu_session_factory(embedding_spec.filename), embedding_spec)
+
+
+@pytest.fixture(scope="module")
+def aligned(decoded, analyses):
+    faces = []
+    for path in ("images/faces/barack_obama_01.jpg", "images/faces/angelina_jolie_01.jpg", "images/multi_face/two_people.jpg"):
+        marks = np.array([f["landmarks"] for f in analyses[path]["faces"]])
+        faces.append(align_faces(decoded[path], marks, ARCFACE_TEMPLATE_112))
+    return np.concatenate(faces)
+
+
+def test_embeddings_are_unit_float32_of_the_model_dimension(arcface, aligned):
+    out = arcface.embed(aligned)
+    assert out.dtype == np.float32 and out.shape == (len(aligned), 128)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    assert arcface.dim == 128
+
+
+def test_batch_equals_one_by_one(arcface, aligned):
+    together = arcface.embed(aligned)
+    alone = np.concatenate([arcface.embed(face[None]) for face in aligned])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_wrong_shapes_are_refused(arcface):
+    with pytest.raises(InvalidInput, match="112"):
+        arcface.embed(np.zeros((2, 100, 100, 3), np.uint8))
+    assert arcface.embed(np.zeros((0, 112, 112, 3), np.uint8)).shape[0] == 0
+
+
+@pytest.fixture(scope="module")
+def scores(analyses, labels):
+    return pair_scores(analyses, labels)
+
+
+def test_every_same_person_pair_beats_every_different_person_pair(scores):
+    lowest_same = min(scores.same, key=lambda t: t[2])
+    highest_different = max(scores.different, key=lambda t: t[2])
+    assert lowest_same[2] > highest_different[2], (lowest_same, highest_different)
+    assert auc(scores.same_scores, scores.different_scores) == 1.0
+
+
+def test_catalog_threshold_separates_the_pairs_with_margin(scores, pipeline):
+    threshold = get_spec("arcface_mobilefacenet").params["match_threshold"]
+    assert pipeline.match_threshold == threshold
+    assert accuracy(scores, threshold) == 1.0
+    # A threshold hugging either cloud would not survive new people.
+    assert scores.different_scores.max() + 0.05 <= threshold <= scores.same_scores.min() - 0.05
