@@ -90,7 +90,7 @@ class Settings:
     # again in the broker's unacknowledged-message copy.
     payload_ref_bytes: int = 32 * 1024
     # Micro-batching inside a worker process.
-    max_batch: int = 8
+    max_batch: int = 1
     max_wait_ms: float = 5.0
     # A worker process loads and warms every model before taking jobs; Celery's
     # default allows 4 s for that, too little for a cold disk or a GPU.

@@ -15,6 +15,8 @@ The life of a worker process:
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import logging
 import multiprocessing
@@ -39,7 +41,7 @@ from tasks.contract import (
     PAYLOAD_KEY_PREFIX,
     PAYLOAD_REF_FIELD,
 )
-from tasks.errors import DeviceUnavailable, InvalidInput, LimitExceeded, PoisonMessage
+from tasks.errors import DeviceUnavailable, IdentError, InvalidInput, LimitExceeded, PoisonMessage
 from tasks.settings import Settings, load_settings
 from workers import logsafety
 
@@ -181,11 +183,15 @@ class FleetTask(Task):
     abstract = True
 
     def __call__(self, *args, **kwargs):
-        runtime = current_runtime()
-        runtime.job_started_at = time.time()
-        settings = runtime.settings
+        current_runtime().job_started_at = time.time()
+        with self.delivery(self.request.id, args, kwargs):
+            return super().__call__(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def delivery(self, task_id: str, args: tuple, kwargs: dict):
+        settings = current_runtime().settings
         client = self.app.backend.client
-        key = f"ident:deliveries:{self.request.id}"
+        key = f"ident:deliveries:{task_id}"
         with client.pipeline() as pipe:
             pipe.incr(key)
             pipe.expire(key, max(settings.visibility_timeout, settings.task_time_limit) * (settings.max_deliveries + 1))
@@ -193,15 +199,16 @@ class FleetTask(Task):
         if deliveries > settings.max_deliveries:
             client.delete(key)
             raise PoisonMessage(
-                f"job {self.request.id} was delivered {deliveries} times and its worker process died "
+                f"job {task_id} was delivered {deliveries} times and its worker process died "
                 f"each time (limit IDENT_MAX_DELIVERIES={settings.max_deliveries}); it is not run again"
             )
         try:
-            return super().__call__(*args, **kwargs)
+            yield
         finally:
             # Reached only when the job finished, well or badly; a process that
             # dies mid-job skips this, so a redelivery still finds its payload.
-            references = [a[PAYLOAD_REF_FIELD] for a in args if isinstance(a, dict) and PAYLOAD_REF_FIELD in a]
+            values = list(args) + list(kwargs.values())
+            references = [v[PAYLOAD_REF_FIELD] for v in values if isinstance(v, dict) and PAYLOAD_REF_FIELD in v]
             client.delete(key, *[r for r in references if _is_payload_key(r)])
 
     def payload(self, value: Any, name: str) -> bytes:
@@ -222,6 +229,33 @@ class FleetTask(Task):
                     f"{name} refers to {reference}, which is not in Redis: it expired or was never stored"
                 )
         return payload_bytes(value, name, settings)
+
+
+class AnalyzeTask(FleetTask):
+    """An ``*.analyze(payload, options)`` task, runnable one job at a time or as a batch."""
+
+    abstract = True
+    payload_name = "payload"
+
+    def run_many(self, items) -> list:
+        """Each job's result or its own exception, the models run once for all of them."""
+        runtime = current_runtime()
+        runtime.job_started_at = time.time()
+        outcomes: list = [None] * len(items)
+        slots, payloads, options = [], [], []
+        with contextlib.ExitStack() as deliveries:
+            for slot, item in enumerate(items):
+                try:
+                    deliveries.enter_context(self.delivery(item.task_id, item.args, item.kwargs))
+                    bound = inspect.signature(self.run).bind(*item.args, **item.kwargs)
+                    payloads.append(self.payload(bound.arguments[self.payload_name], self.payload_name))
+                    options.append(options_dict(bound.arguments.get("options")))
+                    slots.append(slot)
+                except (IdentError, TypeError) as exc:  # this job's own failure, reported to its producer
+                    outcomes[slot] = exc if isinstance(exc, IdentError) else InvalidInput(f"bad arguments: {exc}")
+            for slot, result in zip(slots, runtime.pipeline.analyze_many(payloads, options)):
+                outcomes[slot] = result if isinstance(result, BaseException) else runtime.finish(result)
+        return outcomes
 
 
 def _is_payload_key(reference: Any) -> bool:
@@ -313,10 +347,21 @@ def model_status(state, **kwargs) -> dict:
 # --- Celery wiring ------------------------------------------------------------------
 
 
+def analyze_strategy() -> str:
+    """The Celery strategy for ``*.analyze``: batching when IDENT_MAX_BATCH > 1."""
+    from workers.batching import BATCH_STRATEGY
+
+    return BATCH_STRATEGY if load_settings().max_batch > 1 else "celery.worker.strategy:default"
+
+
 def make_worker_app(kind: str) -> Celery:
     settings = load_settings()
     app = make_app(f"workers.{kind}", settings)
     app.conf.worker_hijack_root_logger = True
+    if settings.max_batch > 1:
+        # A batch can only fill from jobs the main process has already
+        # received; each pool process may have a full batch waiting.
+        app.conf.worker_prefetch_multiplier = settings.max_batch
     app._ident_kind = kind  # noqa: SLF001 -- lets the signal handlers tell our apps apart
     return app
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from tasks import contract
 from workers.audio import app
-from workers.bootstrap import FleetTask, current_runtime, options_dict
+from workers.bootstrap import AnalyzeTask, FleetTask, analyze_strategy, current_runtime, options_dict
 
 
-@app.task(base=FleetTask, bind=True, name=contract.AUDIO_ANALYZE)
+@app.task(base=AnalyzeTask, bind=True, name=contract.AUDIO_ANALYZE, payload_name="audio",
+          Strategy=analyze_strategy())
 def analyze(self, audio, options=None) -> dict:
     runtime = current_runtime()
     data = self.payload(audio, "audio")

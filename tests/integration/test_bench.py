@@ -1,0 +1,40 @@
+"""`ident bench` runs against a live fleet and writes a complete, consistent report.
+
+Speed itself is measured in docs/benchmarks.md, not asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("kind, jobs", [("vision", 8), ("audio", 3)])
+def test_bench_report_is_complete_and_consistent(fleet, fleet_env, tmp_path, kind, jobs):
+    report_path = tmp_path / f"{kind}.json"
+    chart_path = tmp_path / f"{kind}.png"
+    completed = subprocess.run(
+        [sys.executable, "-m", "ident.cli", "bench", "--kind", kind, "--jobs", str(jobs), "--concurrency", "2",
+         "--json", str(report_path), "--chart", str(chart_path)],
+        env=fleet_env, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    for key in ("throughput_per_s", "baseline_per_s", "ratio_to_baseline", "overhead_ms_p50", "latency_ms",
+                "settings", "wire", "machine", "fleet", "baseline"):
+        assert key in report, key
+    assert report["fleet"]["failed"] == 0
+    assert report["throughput_per_s"] > 0 and report["baseline_per_s"] > 0
+    assert report["ratio_to_baseline"] == pytest.approx(report["throughput_per_s"] / report["baseline_per_s"], abs=0.01)
+    latency = report["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
+    assert report["overhead_ms_p50"] >= 0
+    assert report["settings"]["fleet"]["processes"] == (2 if kind == "vision" else 1)
+    assert report["baseline"]["processes"] == report["settings"]["fleet"]["processes"]
+    assert report["wire"]["redis_bytes_in_per_job"] > 0
+    assert chart_path.stat().st_size > 1000 and chart_path.read_bytes()[:4] == b"\x89PNG"
