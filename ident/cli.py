@@ -1,4 +1,4 @@
-"""``ident``: run, feed and inspect the fleet from a terminal."""
+"""ident: run, feed and inspect the fleet from a terminal."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from ident import bench, doctor
 from tasks.errors import IdentError
 
 console = Console()
@@ -310,23 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--force", action="store_true", help="fetch again even when the file is already there")
     models.set_defaults(func=cmd_models)
 
-    _add_optional_commands(sub)
+    bench_parser = sub.add_parser("bench", help="throughput and latency of the running fleet against raw ONNX Runtime")
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(func=bench.run)
+
+    doctor_parser = sub.add_parser("doctor", help="find out why a GPU is not used")
+    doctor.add_arguments(doctor_parser)
+    doctor_parser.set_defaults(func=doctor.run)
     return parser
-
-
-def _add_optional_commands(sub) -> None:
-    from ident import bench
-
-    parser = sub.add_parser("bench", help="throughput and latency of the running fleet against raw ONNX Runtime")
-    bench.add_arguments(parser)
-    parser.set_defaults(func=bench.run)
-    try:
-        from ident import doctor
-    except ImportError:
-        return
-    parser = sub.add_parser("doctor", help="find out why a GPU is not used")
-    doctor.add_arguments(parser)
-    parser.set_defaults(func=doctor.run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1416 @@
+"""``ident doctor``: the "why is it on CPU?" checklist, run on this host.
+
+Two halves, kept apart on purpose:
+
+* ``collect()`` probes the host (nvidia-smi, the dynamic loader, ``ldconfig -p``,
+  /sys, /proc, the environment, onnxruntime, a verbose CUDA session per model)
+  and records what it saw as plain data: the *probes* dict.
+* ``evaluate(probes)`` is a pure function from that dict to a list of
+  :class:`Check`. Every broken host we know of is therefore a unit test over
+  recorded outputs, and a user's ``--save-probes`` file reproduces their
+  verdict on any machine.
+
+The order of the checks is the order in which to fix things: a missing driver
+first, a slow operator last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from models.cuda import (
+    CPU_EP,
+    CUDA_EP,
+    CUDA_ERROR_NO_DEVICE,
+    CUDA_SUCCESS,
+    CudaFacts,
+    explain_cpu_fallback,
+    format_cuda_version,
+    probe_cuda,
+)
+from tasks.errors import ConfigurationError, IdentError
+
+OK = "ok"
+WARN = "warn"
+FAIL = "fail"
+SKIP = "skip"
+STATUSES = (OK, WARN, FAIL, SKIP)
+
+# cuInit's answer when the loader found the CUDA toolkit's link-time stub
+# (…/lib64/stubs/libcuda.so) instead of the driver's libcuda.
+CUDA_ERROR_STUB_LIBRARY = 34
+
+NVIDIA_VENDOR = "0x10de"
+VENDORS = {NVIDIA_VENDOR: "NVIDIA", "0x1002": "AMD", "0x8086": "Intel", "0x1a03": "ASPEED", "0x102b": "Matrox"}
+# The GPUs a laptop pairs with an NVIDIA dGPU; a server's BMC display adapter
+# (ASPEED, Matrox) sits beside its NVIDIA GPUs without making it "hybrid".
+INTEGRATED_VENDORS = {"0x1002", "0x8086"}
+
+# The last onnxruntime-gpu on PyPI built for CUDA 12 is 1.26.x: from 1.27.0 the
+# [cuda,cudnn] extras pull nvidia-*-cu13 wheels (checked against the package
+# metadata of both releases).
+ORT_CUDA12_SPEC = "onnxruntime-gpu[cuda,cudnn]<1.27"
+ORT_GPU_SPEC = "onnxruntime-gpu[cuda,cudnn]"
+# Lowest compute capability each CUDA major still compiles for. CUDA 13 dropped
+# Maxwell, Pascal and Volta (sm_50..sm_72); CUDA 12 still covers sm_50 up.
+MIN_COMPUTE_CAPABILITY = {11: (3, 5), 12: (5, 0), 13: (7, 5)}
+# Oldest Linux driver branch that supports each CUDA major.
+MIN_DRIVER_BRANCH = {11: 450, 12: 525, 13: 580}
+
+# Distributions that all install the one ``onnxruntime`` Python module; two of
+# them together overwrite each other's files.
+ORT_RUNTIME_DISTS = {
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-directml",
+    "onnxruntime-openvino",
+    "onnxruntime-qnn",
+    "onnxruntime-training",
+    "ort-nightly",
+    "ort-nightly-gpu",
+}
+
+ENV_PREFIXES = ("CUDA_", "NVIDIA_", "ORT", "ONNXRUNTIME")
+ENV_NAMES = (
+    "LD_LIBRARY_PATH",
+    "LD_PRELOAD",
+    "__NV_PRIME_RENDER_OFFLOAD",
+    "__NV_PRIME_RENDER_OFFLOAD_PROVIDER",
+    "__GLX_VENDOR_LIBRARY_NAME",
+    "__VK_LAYER_NV_optimus",
+    "DRI_PRIME",
+    "IDENT_DEVICE",
+    "IDENT_GPU_IDS",
+    "IDENT_MODELS_DIR",
+)
+PRIME_VARIABLES = (
+    "__NV_PRIME_RENDER_OFFLOAD",
+    "__NV_PRIME_RENDER_OFFLOAD_PROVIDER",
+    "__GLX_VENDOR_LIBRARY_NAME",
+    "__VK_LAYER_NV_optimus",
+    "DRI_PRIME",
+)
+HIDING_VISIBLE_DEVICES = ("", "-1", "none", "NoDevFiles")
+
+SMI_QUERY_FIELDS = "name,compute_cap,driver_version,pci.bus_id,memory.total"
+SMI_TIMEOUT_S = 20
+
+DRIVER_FIX = (
+    "install the NVIDIA driver (Ubuntu: `sudo ubuntu-drivers install`; Debian: `sudo apt install "
+    "nvidia-driver`) and reboot; inside a container, start it with GPU access (`docker run --gpus all`, "
+    "or compose.gpu.yml's deploy.resources.reservations.devices)"
+)
+TOOLKIT_FIX = (
+    "on the host, install the NVIDIA Container Toolkit and register it with Docker (`sudo nvidia-ctk runtime "
+    "configure --runtime=docker && sudo systemctl restart docker`); then run the container with `docker run "
+    "--gpus all …`, or in Compose reserve the GPU under deploy.resources.reservations.devices "
+    "(driver: nvidia, capabilities: [gpu]) as compose.gpu.yml does"
+)
+
+CONTAINER_POINTER = "give the container GPU access: see the 'container GPU access' check"
+
+
+class DoctorError(IdentError):
+    """The doctor could not do its job: unreadable probes file, or a bug (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the checklist."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise DoctorError(f"check {self.name!r} has unknown status {self.status!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DoctorReport:
+    checks: list[Check]
+    cuda_usable: bool
+    verdict: str
+    probes: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.cuda_usable else 1
+
+    def to_dict(self, include_probes: bool = False) -> dict:
+        data = {
+            "cuda_usable": self.cuda_usable,
+            "verdict": self.verdict,
+            "checks": [c.to_dict() for c in self.checks],
+        }
+        if include_probes:
+            data["probes"] = self.probes
+        return data
+
+
+# ---------------------------------------------------------------------------
+# Parsers: pure functions over recorded command output
+# ---------------------------------------------------------------------------
+
+
+def parse_smi_query(text: str) -> list[dict]:
+    """``nvidia-smi --query-gpu=name,compute_cap,driver_version,pci.bus_id,memory.total
+    --format=csv,noheader`` -> one dict per GPU, in nvidia-smi's (PCI bus) order."""
+    gpus = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        # GPU names contain no commas, so a plain split is exact.
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 5:
+            continue
+        name, compute_cap, driver, bus_id, memory = parts
+        gpus.append(
+            {
+                "index": len(gpus),
+                "name": name,
+                "compute_cap": compute_cap,
+                "driver_version": driver,
+                "pci_bus_id": bus_id,
+                "memory_total": memory,
+            }
+        )
+    return gpus
+
+
+def parse_smi_cuda_version(text: str) -> str | None:
+    """The 'CUDA Version: 13.0' of plain nvidia-smi's header: the newest CUDA the driver supports."""
+    match = re.search(r"CUDA Version:\s*([0-9]+(?:\.[0-9]+)?)", text or "")
+    return match.group(1) if match else None
+
+
+def parse_ldconfig(text: str) -> dict[str, list[str]]:
+    """``ldconfig -p`` -> soname -> paths (a soname may be cached for several ABIs)."""
+    found: dict[str, list[str]] = {}
+    for line in (text or "").splitlines():
+        match = re.match(r"^\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(\S+)", line)
+        if match:
+            found.setdefault(match.group(1), []).append(match.group(3))
+    return found
+
+
+def parse_compute_cap(text: str) -> tuple[int, int] | None:
+    match = re.match(r"^\s*(\d+)\.(\d+)", text or "")
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def architecture(cc: tuple[int, int]) -> str:
+    major, minor = cc
+    if major == 7:
+        return "Turing" if minor >= 5 else "Volta"
+    if major == 8:
+        return "Ada" if minor >= 9 else "Ampere"
+    return {3: "Kepler", 5: "Maxwell", 6: "Pascal", 9: "Hopper", 10: "Blackwell", 12: "Blackwell"}.get(major, "unknown")
+
+
+def _major(version: str | None) -> int | None:
+    match = re.match(r"^\s*(\d+)", version or "")
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class LibSpec:
+    soname: str
+    role: str
+    required: bool = True
+
+
+def cuda_library_sonames(build_cuda: str) -> list[LibSpec]:
+    """The shared libraries the CUDA EP of an onnxruntime built for ``build_cuda`` loads.
+
+    The sonames follow the CUDA major (libcublasLt.so.13 for CUDA 13); cuRAND
+    has kept major 10 and cuFFT runs one behind the toolkit. cuFFT is only
+    loaded for FFT operators, so its absence does not stop the EP.
+    """
+    major = _major(build_cuda)
+    if major is None:
+        return []
+    cudart = "libcudart.so.11.0" if major == 11 else f"libcudart.so.{major}"
+    cudnn = "8" if major == 11 else "9"
+    return [
+        LibSpec("libcuda.so.1", "NVIDIA driver"),
+        LibSpec(cudart, "CUDA runtime"),
+        LibSpec(f"libcublas.so.{major}", "cuBLAS"),
+        LibSpec(f"libcublasLt.so.{major}", "cuBLASLt"),
+        LibSpec("libcurand.so.10", "cuRAND"),
+        LibSpec(f"libcudnn.so.{cudnn}", "cuDNN"),
+        LibSpec(f"libcufft.so.{major - 1}", "cuFFT (FFT operators only)", required=False),
+    ]
+
+
+# ORT colours its warnings with ANSI escapes even when stderr is a file.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LOG_LINE = re.compile(
+    r"^\S+\s+\S+\s+\[(?P<severity>[VIWEF]):onnxruntime:[^,\]]*,\s*(?P<where>[^\]]*)\]\s?(?P<message>.*)$"
+)
+_ALL_PLACED = re.compile(r"All nodes placed on \[(?P<ep>[^\]]+)\]\. Number of nodes: (?P<n>\d+)")
+_SOME_PLACED = re.compile(r"Node\(s\) placed on \[(?P<ep>[^\]]+)\]\. Number of nodes: (?P<n>\d+)")
+_NODE_ENTRY = re.compile(r"^(?P<op>[A-Za-z0-9_.:]+) \((?P<name>.*)\)$")
+_NO_KERNEL = re.compile(r"CUDA kernel not found in registries for Op type: (?P<op>\S+) node name: (?P<name>.*?)\s*$")
+_FORCED_CPU = re.compile(r"Force fallback to CPU execution for node: (?P<name>.+?)(?: because .*)?\s*$")
+_MEMCPY = re.compile(r"(?P<n>\d+) Memcpy nodes are added to the graph (?P<graph>\S+) for (?P<ep>[A-Za-z]+)")
+_PLACEMENT_RELEVANT = re.compile(
+    r"VerifyEachNodeIsAssignedToAnEp|Node placements|placed on \[|kernel not found in registries"
+    r"|Force fallback to CPU execution|Memcpy nodes are added|Failed to create CUDAExecutionProvider"
+)
+
+
+@dataclass
+class NodePlacement:
+    """Where ONNX Runtime put each node of one session, from its verbose log."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    no_cuda_kernel: list[tuple[str, str]] = field(default_factory=list)
+    forced_cpu: list[str] = field(default_factory=list)
+    memcpy_nodes: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def on(self, provider: str) -> int:
+        return self.counts.get(provider, 0)
+
+    def cpu_nodes(self) -> list[tuple[str, str]]:
+        return self.nodes.get(CPU_EP, [])
+
+    def unexplained_cpu_nodes(self) -> list[tuple[str, str]]:
+        known = {name for _, name in self.no_cuda_kernel} | set(self.forced_cpu)
+        return [(op, name) for op, name in self.cpu_nodes() if name not in known]
+
+
+def placement_lines(lines: Iterable[str]) -> list[str]:
+    """Only the lines the placement parser reads: a verbose session log runs to
+    thousands of lines, and the probes dict is meant to be saved and shared."""
+    kept = []
+    for line in lines:
+        stripped = _ANSI.sub("", line).strip()
+        if _PLACEMENT_RELEVANT.search(stripped) or (
+            stripped and not _LOG_LINE.match(stripped) and _NODE_ENTRY.match(stripped)
+        ):
+            kept.append(stripped)
+    return kept
+
+
+def parse_node_placements(lines: Iterable[str]) -> NodePlacement | None:
+    """Parse ORT's verbose session-creation log (severity 0).
+
+    ``VerifyEachNodeIsAssignedToAnEp`` in onnxruntime/core/framework/session_state.cc
+    logs "Node placements", then either " All nodes placed on [EP]. Number of nodes: N"
+    or, per EP, " Node(s) placed on [EP]. Number of nodes: N" followed by one
+    "  OpType (node name)" line per node. The CUDA EP's GetCapability logs
+    "CUDA kernel not found in registries for Op type: X node name: Y" for nodes it
+    cannot run, and ORT's CPU-preference pass logs "Force fallback to CPU execution
+    for node: Y" for shape computations it keeps on the CPU on purpose. Returns
+    None when the log has no placement block (minimal build, or not verbose).
+    """
+    placement = NodePlacement()
+    seen_block = False
+    in_block = False
+    provider: str | None = None
+    for raw in lines:
+        line = _ANSI.sub("", raw).strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _LOG_LINE.match(line)
+        where = match.group("where") if match else ""
+        message = (match.group("message") if match else line).strip()
+        if match and in_block and "VerifyEachNodeIsAssignedToAnEp" not in where:
+            in_block, provider = False, None
+        if message == "Node placements":
+            # A later block (a second session in the same log) replaces the first.
+            placement.counts, placement.nodes = {}, {}
+            seen_block, in_block, provider = True, True, None
+            continue
+        if in_block:
+            found = _ALL_PLACED.search(message)
+            if found:
+                placement.counts[found.group("ep")] = int(found.group("n"))
+                provider = None
+                continue
+            found = _SOME_PLACED.search(message)
+            if found:
+                provider = found.group("ep")
+                placement.counts[provider] = int(found.group("n"))
+                placement.nodes.setdefault(provider, [])
+                continue
+            entry = _NODE_ENTRY.match(message)
+            if entry and provider is not None:
+                placement.nodes[provider].append((entry.group("op"), entry.group("name")))
+                continue
+            in_block, provider = False, None
+        found = _NO_KERNEL.search(message)
+        if found:
+            item = (found.group("op"), found.group("name"))
+            if item not in placement.no_cuda_kernel:
+                placement.no_cuda_kernel.append(item)
+            continue
+        found = _FORCED_CPU.search(message)
+        if found:
+            if found.group("name") not in placement.forced_cpu:
+                placement.forced_cpu.append(found.group("name"))
+            continue
+        found = _MEMCPY.search(message)
+        if found and found.group("ep") == CUDA_EP:
+            placement.memcpy_nodes += int(found.group("n"))
+    return placement if seen_block else None
+
+
+# ---------------------------------------------------------------------------
+# Checks: pure functions over the probes dict
+# ---------------------------------------------------------------------------
+
+
+def _facts(probes: Mapping) -> CudaFacts:
+    return CudaFacts(**(probes.get("cuda_facts") or {}))
+
+
+def _smi_gpus(probes: Mapping) -> list[dict]:
+    query = (probes.get("nvidia_smi") or {}).get("query") or {}
+    if query.get("rc") != 0:
+        return []
+    return parse_smi_query(query.get("stdout", ""))
+
+
+def _smi_cuda(probes: Mapping) -> str | None:
+    header = (probes.get("nvidia_smi") or {}).get("header") or {}
+    return parse_smi_cuda_version(header.get("stdout", "")) if header.get("rc") == 0 else None
+
+
+def _driver_cuda(probes: Mapping) -> str | None:
+    """The newest CUDA the driver supports, from the driver itself or from nvidia-smi."""
+    facts = _facts(probes)
+    if facts.driver_cuda_version:
+        return format_cuda_version(facts.driver_cuda_version)
+    return _smi_cuda(probes)
+
+
+def _gpu_ids(probes: Mapping) -> list[int]:
+    ids = (probes.get("settings") or {}).get("gpu_ids") or [0]
+    return [int(i) for i in ids]
+
+
+def _in_container(probes: Mapping) -> bool:
+    return bool((probes.get("container") or {}).get("in_container"))
+
+
+def _first_line(text: str) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _join(items: Iterable[str], limit: int = 8) -> str:
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_onnxruntime(probes: Mapping) -> Check:
+    name = "onnxruntime packages"
+    ort = probes.get("ort") or {}
+    packages: dict = ort.get("packages") or {}
+    listed = _join(f"{p} {v}" for p, v in sorted(packages.items())) or "none"
+    if ort.get("import_error"):
+        return Check(
+            name,
+            FAIL,
+            f"onnxruntime cannot be imported: {ort['import_error']} (installed: {listed})",
+            f"`pip install '{ORT_GPU_SPEC}'`",
+        )
+    runtimes = sorted(p for p in packages if p in ORT_RUNTIME_DISTS)
+    if len(runtimes) > 1:
+        return Check(
+            name,
+            FAIL,
+            f"{' and '.join(runtimes)} are all installed: they share one `onnxruntime` module and the one "
+            f"installed last overwrote the others' files, so the CPU build usually wins",
+            f"`pip uninstall -y {' '.join(runtimes)} && pip install '{ORT_GPU_SPEC}'`",
+        )
+    providers = ort.get("providers") or []
+    version = ort.get("version") or "?"
+    if CUDA_EP not in providers:
+        return Check(
+            name,
+            FAIL,
+            f"a CPU-only build of onnxruntime {version} is installed ({listed}); providers: "
+            f"{', '.join(providers) or 'none'}",
+            f"`pip uninstall -y {' '.join(runtimes) or 'onnxruntime'} && pip install '{ORT_GPU_SPEC}'`",
+        )
+    build = ort.get("build_cuda") or "unknown"
+    return Check(name, OK, f"{listed}; built for CUDA {build}; providers: {', '.join(providers)}")
+
+
+def check_nvidia_smi(probes: Mapping) -> Check:
+    name = "nvidia-smi"
+    smi = probes.get("nvidia_smi") or {}
+    facts = _facts(probes)
+    driver_ok = facts.libcuda_error is None and facts.cu_init_result == CUDA_SUCCESS
+    if not smi.get("path"):
+        if driver_ok:
+            return Check(
+                name,
+                WARN,
+                "nvidia-smi is not on PATH, but the driver's libcuda works",
+                "inside a container, add the 'utility' capability (NVIDIA_DRIVER_CAPABILITIES=compute,utility) "
+                "to get nvidia-smi; otherwise nothing to do",
+            )
+        return Check(
+            name,
+            FAIL,
+            "nvidia-smi is not on PATH: no NVIDIA driver on this host, or none mounted into this container",
+            CONTAINER_POINTER if _in_container(probes) else DRIVER_FIX,
+        )
+    query = smi.get("query") or {}
+    if query.get("rc") != 0:
+        said = _first_line(query.get("stdout", "")) or _first_line(query.get("stderr", "")) or query.get("error", "")
+        return Check(
+            name,
+            FAIL,
+            f"nvidia-smi failed (exit {query.get('rc')}): {said}",
+            "the driver is installed but its kernel module is not running: reboot after installing it, or "
+            "`sudo modprobe nvidia`; see `sudo dmesg | grep -i nvidia` (with Secure Boot on, an unsigned module is "
+            "refused: `mokutil --sb-state`)",
+        )
+    gpus = _smi_gpus(probes)
+    if not gpus:
+        return Check(name, FAIL, "nvidia-smi lists no GPU", DRIVER_FIX)
+    driver = gpus[0]["driver_version"]
+    cuda = _smi_cuda(probes) or "unknown"
+    listed = "; ".join(
+        f"GPU {g['index']} {g['name']} (compute {g['compute_cap']}, {g['memory_total']}, {g['pci_bus_id']})"
+        for g in gpus
+    )
+    return Check(name, OK, f"{listed}; driver {driver}, supports CUDA up to {cuda}")
+
+
+def check_kernel_module(probes: Mapping) -> Check:
+    name = "nvidia kernel module"
+    module = probes.get("nvidia_module") or {}
+    loaded = set(module.get("modules") or [])
+    version = _first_line(module.get("proc_version") or "")
+    if version:
+        return Check(name, OK, re.sub(r"\s+", " ", version))
+    if "nouveau" in loaded:
+        return Check(
+            name,
+            FAIL,
+            "the open-source nouveau driver is loaded instead of NVIDIA's; CUDA needs the nvidia module",
+            "install NVIDIA's driver (it blacklists nouveau) and reboot: Ubuntu `sudo ubuntu-drivers install`, "
+            "Debian `sudo apt install nvidia-driver`",
+        )
+    if "nvidia" in loaded:
+        return Check(
+            name,
+            WARN,
+            "the nvidia module is listed in /proc/modules but /proc/driver/nvidia/version is missing",
+            "reload it: `sudo rmmod nvidia_uvm nvidia_drm nvidia_modeset nvidia && sudo modprobe nvidia`",
+        )
+    fix = "`sudo modprobe nvidia`; if that fails, see `sudo dmesg | grep -i nvidia` (Secure Boot: `mokutil --sb-state`)"
+    if _hybrid(probes):
+        fix += "; on a hybrid laptop switched to the integrated GPU, `sudo prime-select on-demand` and reboot"
+    if _in_container(probes):
+        fix = "the host has no NVIDIA driver loaded (or this container hides /proc/driver): " + fix
+    return Check(name, FAIL, "the nvidia kernel module is not loaded (/proc/driver/nvidia/version is missing)", fix)
+
+
+def check_container(probes: Mapping) -> Check:
+    name = "container GPU access"
+    container = probes.get("container") or {}
+    if not container.get("in_container"):
+        return Check(name, SKIP, "not running in a container")
+    evidence = ", ".join(container.get("evidence") or []) or "container markers"
+    devices = container.get("dev_nvidia") or []
+    if devices:
+        return Check(name, OK, f"in a container ({evidence}) with {', '.join(devices)}")
+    env = probes.get("env") or {}
+    detail = f"in a container ({evidence}) with no /dev/nvidia* device: it was started without GPU access"
+    if env.get("NVIDIA_VISIBLE_DEVICES") in ("void", "none", ""):
+        detail += f" (NVIDIA_VISIBLE_DEVICES={env['NVIDIA_VISIBLE_DEVICES']!r})"
+    return Check(name, FAIL, detail, TOOLKIT_FIX)
+
+
+def _gpus_sysfs(probes: Mapping) -> list[dict]:
+    return list(probes.get("gpus_sysfs") or [])
+
+
+def _hybrid(probes: Mapping) -> bool:
+    vendors = {g.get("vendor") for g in _gpus_sysfs(probes)}
+    return NVIDIA_VENDOR in vendors and bool(vendors & INTEGRATED_VENDORS)
+
+
+def _describe_gpu(gpu: Mapping) -> str:
+    vendor = VENDORS.get(gpu.get("vendor", ""), gpu.get("vendor", "?"))
+    where = gpu.get("card") or "no DRM card"
+    parts = [f"driver {gpu.get('driver') or 'none'}"]
+    if gpu.get("boot_vga") is not None:
+        parts.append(f"boot_vga={gpu['boot_vga']}")
+    if gpu.get("runtime_status"):
+        parts.append(f"power {gpu['runtime_status']}")
+    return f"{vendor} {where} [{gpu.get('pci') or '?'}] ({', '.join(parts)})"
+
+
+def check_gpu_selection(probes: Mapping) -> Check:
+    """Hybrid graphics: an NVIDIA (often MX) dGPU beside an Intel/AMD iGPU."""
+    name = "GPU selection (hybrid graphics)"
+    gpus = _gpus_sysfs(probes)
+    if not gpus:
+        return Check(name, SKIP, "no display-class PCI device or /sys/class/drm card visible (server, VM or container)")
+    nvidia = [g for g in gpus if g.get("vendor") == NVIDIA_VENDOR]
+    others = [g for g in gpus if g.get("vendor") in INTEGRATED_VENDORS]
+    listed = "; ".join(_describe_gpu(g) for g in gpus)
+    if not nvidia:
+        status = FAIL if not _smi_gpus(probes) else WARN
+        return Check(
+            name,
+            status,
+            f"no NVIDIA GPU here, only {listed}: CUDA needs an NVIDIA GPU, so ONNX Runtime runs on the CPU",
+            "run the worker on a host with an NVIDIA GPU, or set IDENT_DEVICE=cpu to make CPU the stated choice",
+        )
+    unbound = [g for g in nvidia if g.get("driver") != "nvidia"]
+    if unbound:
+        bound_to = ", ".join(f"{g.get('pci')} → {g.get('driver') or 'no driver'}" for g in unbound)
+        return Check(
+            name,
+            FAIL,
+            f"NVIDIA GPU not bound to the nvidia driver ({bound_to}); {listed}",
+            "install NVIDIA's driver (it replaces nouveau) and reboot, or `sudo modprobe nvidia`",
+        )
+    if not others:
+        return Check(name, OK, f"{listed}: no integrated GPU to confuse with the NVIDIA one")
+    env = probes.get("env") or {}
+    display = next((g for g in others if g.get("boot_vga") == "1"), others[0])
+    offload = env.get("__NV_PRIME_RENDER_OFFLOAD") == "1" and env.get("__GLX_VENDOR_LIBRARY_NAME") == "nvidia"
+    prime = ", ".join(f"{k}={env[k]}" for k in PRIME_VARIABLES if k in env) or "no PRIME variables set"
+    gl = (
+        "NVIDIA (PRIME render offload requested)"
+        if offload
+        else f"{VENDORS.get(display.get('vendor'), '?')} {display.get('card') or display.get('pci')} "
+        "(the boot VGA device)"
+    )
+    detail = (
+        f"hybrid graphics: {listed}. CUDA talks to the NVIDIA GPU directly, so ONNX Runtime gets "
+        f"{nvidia[0].get('card') or nvidia[0].get('pci')}; PRIME variables ({prime}) only steer OpenGL/Vulkan, "
+        f"which would get {gl}"
+    )
+    suspended = [g for g in nvidia if g.get("runtime_status") == "suspended"]
+    facts = _facts(probes)
+    cuda_failed = facts.cu_init_result not in (None, CUDA_SUCCESS) or facts.device_count == 0
+    if suspended and cuda_failed:
+        pci = suspended[0].get("pci") or "<pci-id>"
+        return Check(
+            name,
+            FAIL,
+            detail + "; the NVIDIA GPU is runtime-suspended and cuInit did not find it",
+            f"keep the dGPU powered: `echo on | sudo tee /sys/bus/pci/devices/{pci}/power/control`, "
+            "or select it with `sudo prime-select nvidia` (or on-demand) and reboot",
+        )
+    if suspended:
+        detail += "; the NVIDIA GPU is runtime-suspended now, which is normal: the first CUDA call wakes it"
+    return Check(name, OK, detail)
+
+
+def check_driver_library(probes: Mapping) -> Check:
+    name = "driver library (libcuda.so.1)"
+    facts = _facts(probes)
+    cached = parse_ldconfig(probes.get("ldconfig") or "").get("libcuda.so.1", [])
+    if facts.libcuda_error:
+        where = f"; ldconfig lists {', '.join(cached)}" if cached else "; not in `ldconfig -p` either"
+        fix = CONTAINER_POINTER if _in_container(probes) else DRIVER_FIX
+        return Check(
+            name,
+            FAIL,
+            f"libcuda.so.1 cannot be loaded ({facts.libcuda_error}){where}. It ships with the NVIDIA driver, "
+            "not with the CUDA toolkit or any pip wheel",
+            fix,
+        )
+    driver_cuda = format_cuda_version(facts.driver_cuda_version)
+    if facts.cu_init_result == CUDA_ERROR_STUB_LIBRARY:
+        return Check(
+            name,
+            FAIL,
+            "the loader found the CUDA toolkit's stub libcuda (cuInit: CUDA_ERROR_STUB_LIBRARY), not the driver's",
+            "remove the toolkit's lib64/stubs directory from LD_LIBRARY_PATH, and install the NVIDIA driver",
+        )
+    if facts.cu_init_result == CUDA_ERROR_NO_DEVICE or facts.device_count == 0:
+        return Check(
+            name,
+            FAIL,
+            f"libcuda loads (driver supports CUDA {driver_cuda}) but cuInit finds no CUDA device",
+            "check CUDA_VISIBLE_DEVICES and, in a container, the GPU reservation; see `nvidia-smi`",
+        )
+    if facts.cu_init_result not in (None, CUDA_SUCCESS):
+        return Check(
+            name,
+            FAIL,
+            f"libcuda loads but cuInit returned CUresult {facts.cu_init_result}",
+            "see `sudo dmesg | grep -i nvrm`; a driver/module version mismatch after an upgrade needs a reboot",
+        )
+    return Check(
+        name,
+        OK,
+        f"libcuda.so.1 loads; driver supports CUDA {driver_cuda}; "
+        f"{facts.device_count if facts.device_count is not None else '?'} CUDA device(s)",
+    )
+
+
+def check_cuda_libraries(probes: Mapping) -> Check:
+    name = "CUDA/cuDNN libraries"
+    ort = probes.get("ort") or {}
+    build = ort.get("build_cuda") or ""
+    if not build:
+        return Check(name, SKIP, "onnxruntime is not a CUDA build: there are no CUDA libraries for it to load")
+    libraries = probes.get("libraries") or {}
+    cache = parse_ldconfig(probes.get("ldconfig") or "")
+    pip = (probes.get("pip") or {}).get("nvidia_libs") or {}
+    wheels = (probes.get("pip") or {}).get("nvidia") or {}
+    missing, optional_missing, broken, found = [], [], [], []
+    for lib in cuda_library_sonames(build):
+        if lib.soname == "libcuda.so.1":
+            continue  # the driver's own check says why and how
+        probe = libraries.get(lib.soname) or {}
+        if probe.get("loaded"):
+            where = probe.get("path") or (pip.get(lib.soname) or (cache.get(lib.soname) or ["loader path"])[0])
+            found.append(f"{lib.soname} ({where})")
+        elif cache.get(lib.soname) or pip.get(lib.soname):
+            broken.append(f"{lib.soname}: {probe.get('error') or 'found on disk but not loadable'}")
+        elif lib.required:
+            missing.append(lib.soname)
+        else:
+            optional_missing.append(lib.soname)
+    facts = _facts(probes)
+    wheel_text = (
+        f"; nvidia wheels: {_join(f'{n} {v}' for n, v in sorted(wheels.items()))}"
+        if wheels
+        else "; no nvidia-* pip wheels"
+    )
+    major = _major(build)
+    fix = (
+        f"`pip install '{ORT_GPU_SPEC}'` (its extras bring the nvidia-*-cu{major} wheels, which onnxruntime preloads), "
+        f"or install CUDA {major} and cuDNN 9 from NVIDIA's apt repository (cuda-libraries-{major}-0, "
+        f"cudnn9-cuda-{major}) and run `sudo ldconfig`, or put their lib directory on LD_LIBRARY_PATH"
+    )
+    if missing or broken:
+        parts = []
+        if missing:
+            parts.append(f"cannot find {', '.join(missing)} (not loadable, not in `ldconfig -p`, in no nvidia-* wheel)")
+        if broken:
+            parts.append("present but failing to load: " + "; ".join(broken))
+        if found:
+            parts.append(f"found: {_join(found)}")
+        return Check(name, FAIL, f"onnxruntime's CUDA {build} EP " + "; ".join(parts) + wheel_text, fix)
+    if facts.provider_library_error and not facts.libcuda_error:
+        return Check(
+            name,
+            FAIL,
+            f"libonnxruntime_providers_cuda.so does not load: {facts.provider_library_error}{wheel_text}",
+            fix,
+        )
+    detail = f"all found: {_join(found)}{wheel_text}"
+    if optional_missing:
+        return Check(
+            name,
+            WARN,
+            detail + f"; not found: {', '.join(optional_missing)} (needed only by FFT operators)",
+            f"`pip install nvidia-cufft-cu{major}` if a model uses DFT/STFT on the GPU",
+        )
+    return Check(name, OK, detail)
+
+
+def check_versions(probes: Mapping) -> Check:
+    """onnxruntime's build CUDA vs the driver's CUDA vs each GPU's compute capability."""
+    name = "CUDA versions (build / driver / GPU)"
+    ort = probes.get("ort") or {}
+    build = ort.get("build_cuda") or ""
+    build_major = _major(build)
+    if build_major is None:
+        return Check(name, SKIP, "onnxruntime is not a CUDA build")
+    package = f"onnxruntime-gpu {ort.get('version') or '?'}"
+    driver_cuda = _driver_cuda(probes)
+    gpus = _smi_gpus(probes)
+    if driver_cuda is None and not gpus:
+        return Check(name, SKIP, f"{package} is built for CUDA {build}; no NVIDIA driver to compare it with")
+    problems, fixes = [], []
+    driver_text = ""
+    if driver_cuda is not None:
+        driver_version = gpus[0]["driver_version"] if gpus else "?"
+        driver_text = f"driver {driver_version} supports CUDA up to {driver_cuda}"
+        driver_major = _major(driver_cuda)
+        if driver_major is not None and driver_major < build_major:
+            problems.append(f"{package} is built for CUDA {build} but the {driver_text}")
+            fixes.append(
+                f"upgrade the NVIDIA driver to branch {MIN_DRIVER_BRANCH.get(build_major, '?')} or newer, "
+                "or install the "
+                f"release line built for CUDA {driver_major}"
+                + (
+                    f": `pip uninstall -y onnxruntime-gpu && pip install '{ORT_CUDA12_SPEC}'`"
+                    if driver_major == 12
+                    else ""
+                )
+            )
+    minimum = MIN_COMPUTE_CAPABILITY.get(build_major)
+    wanted = set(_gpu_ids(probes))
+    too_old, fine = [], []
+    for gpu in gpus:
+        cc = parse_compute_cap(gpu["compute_cap"])
+        if cc is None:
+            continue
+        label = f"GPU {gpu['index']} {gpu['name']} is sm_{cc[0]}{cc[1]} ({architecture(cc)})"
+        (too_old if minimum and cc < minimum else fine).append((gpu["index"], label))
+    status = FAIL if problems else OK
+    if too_old:
+        labels = "; ".join(label for _, label in too_old)
+        # Only a GPU the worker is configured to use blocks it; with no usable
+        # GPU at all, the configured index falls back to the first one.
+        blocked = [i for i, _ in too_old if i in wanted] or ([] if fine else [too_old[0][0]])
+        problems.append(
+            f"{labels}: CUDA {build_major} builds run only on sm_{minimum[0]}{minimum[1]} "
+            f"({architecture(minimum)}) and newer"
+            + (" — CUDA 13 dropped Maxwell, Pascal and Volta" if build_major >= 13 else "")
+        )
+        if build_major >= 13:
+            fix = (
+                f"install the onnxruntime-gpu release line built for CUDA 12 (PyPI 1.26.x and older): "
+                f"`pip uninstall -y onnxruntime-gpu && pip install '{ORT_CUDA12_SPEC}'`, "
+                "with a driver of branch 525 or "
+                "newer (branch 580 is the last that supports Pascal); or set IDENT_DEVICE=cpu"
+            )
+        else:
+            fix = "use a newer GPU, or set IDENT_DEVICE=cpu"
+        if blocked:
+            status = FAIL
+        else:
+            status = max(status, WARN, key=_severity)
+            fix = f"keep IDENT_GPU_IDS on the supported GPU(s) ({', '.join(str(i) for i, _ in fine)}), or " + fix
+        fixes.append(fix)
+    if problems:
+        return Check(name, status, "; ".join(problems), "; ".join(fixes))
+    parts = [f"{package} is built for CUDA {build}"]
+    if driver_text:
+        parts.append(driver_text)
+    if fine:
+        parts.append(
+            "; ".join(label for _, label in fine) + (f", at least sm_{minimum[0]}{minimum[1]}" if minimum else "")
+        )
+    return Check(name, OK, "; ".join(parts))
+
+
+def check_environment(probes: Mapping) -> Check:
+    name = "environment"
+    env: dict = dict(probes.get("env") or {})
+    shown = "; ".join(f"{k}={v!r}" for k, v in sorted(env.items()) if not k.startswith("IDENT_"))
+    problems, fixes, status = [], [], OK
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in HIDING_VISIBLE_DEVICES:
+        status = FAIL
+        problems.append(f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU from CUDA")
+        fixes.append("unset CUDA_VISIBLE_DEVICES, or set it to the GPU index or UUID this worker may use")
+    capabilities = env.get("NVIDIA_DRIVER_CAPABILITIES")
+    if capabilities is not None and not ({"compute", "all"} & {c.strip() for c in capabilities.split(",")}):
+        status = FAIL if _in_container(probes) else max(status, WARN, key=_severity)
+        problems.append(
+            f"NVIDIA_DRIVER_CAPABILITIES={capabilities!r} lacks 'compute', so the container toolkit mounts no libcuda"
+        )
+        fixes.append("set NVIDIA_DRIVER_CAPABILITIES=compute,utility")
+    library_path = env.get("LD_LIBRARY_PATH") or ""
+    stubs = [p for p in library_path.split(":") if p.rstrip("/").endswith("stubs")]
+    if stubs:
+        status = max(status, WARN, key=_severity)
+        problems.append(
+            f"LD_LIBRARY_PATH has a CUDA stubs directory ({', '.join(stubs)}): its libcuda.so is a link-time stub"
+        )
+        fixes.append("remove the stubs directory from LD_LIBRARY_PATH")
+    absent = [p for p in (probes.get("ld_library_path_missing") or [])]
+    if absent:
+        status = max(status, WARN, key=_severity)
+        problems.append(f"LD_LIBRARY_PATH names directories that do not exist: {', '.join(absent)}")
+        fixes.append("fix or drop those LD_LIBRARY_PATH entries")
+    if len(_smi_gpus(probes)) > 1 and env.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
+        status = max(status, WARN, key=_severity)
+        problems.append(
+            "several GPUs and CUDA_DEVICE_ORDER is not PCI_BUS_ID: CUDA numbers GPUs fastest-first, "
+            "nvidia-smi by PCI bus, so IDENT_GPU_IDS may not mean the GPU nvidia-smi shows under that index"
+        )
+        fixes.append("export CUDA_DEVICE_ORDER=PCI_BUS_ID")
+    prime = [k for k in PRIME_VARIABLES if k in env]
+    note = f" ({', '.join(prime)} only affect OpenGL/Vulkan; CUDA ignores them)" if prime else ""
+    if problems:
+        return Check(name, status, "; ".join(problems) + (f". Set: {shown}" if shown else "") + note, "; ".join(fixes))
+    if not shown:
+        return Check(name, OK, "no CUDA_*, LD_LIBRARY_PATH, ORT*, NVIDIA_* or PRIME variables set")
+    return Check(name, OK, f"set: {shown}{note}")
+
+
+def _severity(status: str) -> int:
+    return {SKIP: 0, OK: 1, WARN: 2, FAIL: 3}[status]
+
+
+def check_settings(probes: Mapping) -> Check:
+    name = "IDENT_* settings"
+    settings = probes.get("settings") or {}
+    if settings.get("error"):
+        return Check(name, FAIL, settings["error"], "fix the variable named above (see tasks/settings.py)")
+    device = settings.get("device", "auto")
+    ids = _gpu_ids(probes)
+    detail = (
+        f"IDENT_DEVICE={device}, IDENT_GPU_IDS={','.join(map(str, ids))}, "
+        f"IDENT_MODELS_DIR={settings.get('models_dir', '?')}"
+    )
+    facts = _facts(probes)
+    count = facts.device_count if facts.device_count is not None else (len(_smi_gpus(probes)) or None)
+    if count is not None and count > 0:
+        beyond = [i for i in ids if i >= count]
+        if beyond:
+            return Check(
+                name,
+                FAIL,
+                f"{detail}: GPU(s) {', '.join(map(str, beyond))} asked for but this process sees " f"{count}",
+                f"set IDENT_GPU_IDS to indices below {count} (inside a container, "
+                "the reserved GPUs are renumbered from 0)",
+            )
+    if device == "cpu":
+        return Check(
+            name,
+            WARN,
+            f"{detail}: the worker is told to use the CPU whatever this host can do",
+            "set IDENT_DEVICE=auto (or cuda, to refuse to start without CUDA)",
+        )
+    return Check(name, OK, detail)
+
+
+def check_cuda_provider(probes: Mapping) -> Check:
+    """The lead's own explanation (models.cuda), the one the worker reports at run time."""
+    name = "CUDA execution provider"
+    ids = _gpu_ids(probes)
+    reason = explain_cpu_fallback(_facts(probes), ids[0])
+    if reason is None:
+        return Check(name, OK, f"ONNX Runtime can load the CUDA EP and use GPU {ids[0]}")
+    return Check(name, FAIL, reason, "fix the failed checks above, top to bottom")
+
+
+def check_placements(probes: Mapping) -> list[Check]:
+    placements = probes.get("placements") or {}
+    if placements.get("skipped"):
+        return [Check("node placement", SKIP, f"not probed: {placements['skipped']}")]
+    models = placements.get("models") or []
+    if not models:
+        return [
+            Check(
+                "node placement", SKIP, f"no catalog model file in {placements.get('models_dir') or 'IDENT_MODELS_DIR'}"
+            )
+        ]
+    return [_placement_check(model) for model in models]
+
+
+def _placement_check(model: Mapping) -> Check:
+    name = f"node placement: {model.get('key')}"
+    if model.get("error"):
+        return Check(
+            name,
+            WARN,
+            f"a CUDA session for {model.get('file')} could not be created: {model['error']}",
+            "run the model with IDENT_DEVICE=cuda to see the full error",
+        )
+    lines = model.get("lines") or []
+    refused = next((_ANSI.sub("", l) for l in lines if "Failed to create CUDAExecutionProvider" in l), None)
+    if refused:
+        said = _LOG_LINE.match(refused.strip())
+        return Check(
+            name,
+            WARN,
+            "ONNX Runtime declined the CUDA EP for this session: " + (said.group("message") if said else refused),
+            "see the CUDA execution provider and CUDA/cuDNN libraries checks",
+        )
+    placement = parse_node_placements(lines)
+    if placement is None:
+        return Check(name, WARN, "ONNX Runtime logged no node placement (a minimal build, or verbose logging is off)")
+    total, on_cuda = placement.total, placement.on(CUDA_EP)
+    if on_cuda == total:
+        return Check(name, OK, f"all {total} nodes on {CUDA_EP}")
+    if on_cuda == 0:
+        return Check(
+            name,
+            WARN,
+            f"all {total} nodes on {', '.join(placement.counts)}: the CUDA EP took none of them",
+            "check the CUDA execution provider line above; ORT's log names no unsupported node",
+        )
+    parts = [f"{on_cuda} of {total} nodes on CUDA, {placement.on(CPU_EP)} on CPU"]
+    status = OK
+    if placement.no_cuda_kernel:
+        status = WARN
+        parts.append("no CUDA kernel for: " + _join(f"{op} ({node})" for op, node in placement.no_cuda_kernel))
+    if placement.forced_cpu:
+        parts.append(
+            f"{len(placement.forced_cpu)} kept on CPU by ORT on purpose (shape computations: "
+            f"{_join(placement.forced_cpu, 4)})"
+        )
+    unexplained = [n for n in placement.unexplained_cpu_nodes() if n[1] not in {x for _, x in placement.no_cuda_kernel}]
+    if unexplained:
+        status = WARN
+        parts.append("also on CPU: " + _join(f"{op} ({node})" for op, node in unexplained))
+    if placement.memcpy_nodes:
+        parts.append(f"{placement.memcpy_nodes} Memcpy node(s) copy tensors between GPU and CPU")
+    fix = None
+    if status == WARN:
+        fix = (
+            "re-export the model so these ops become ones the CUDA EP implements (e.g. keep float MatMul instead "
+            "of dynamic int8 quantisation, or a newer opset), or accept the CPU hop; the list is ORT's own"
+        )
+    return Check(name, status, "; ".join(parts), fix)
+
+
+CHECKS: tuple[Callable[[Mapping], Check], ...] = (
+    check_onnxruntime,
+    check_nvidia_smi,
+    check_kernel_module,
+    check_container,
+    check_gpu_selection,
+    check_driver_library,
+    check_cuda_libraries,
+    check_versions,
+    check_environment,
+    check_settings,
+    check_cuda_provider,
+)
+
+
+def evaluate(probes: Mapping) -> list[Check]:
+    """The checklist for a host, from its probes alone. Pure: no host access."""
+    checks = [check(probes) for check in CHECKS]
+    checks.extend(check_placements(probes))
+    return checks
+
+
+def verdict(checks: Sequence[Check], probes: Mapping) -> tuple[bool, str]:
+    """Would the CUDA EP work here, and the one sentence that says why not."""
+    failed = [c for c in checks if c.status == FAIL]
+    if not failed:
+        gpus = _smi_gpus(probes)
+        ids = _gpu_ids(probes)
+        ort = probes.get("ort") or {}
+        gpu = next((g for g in gpus if g["index"] == ids[0]), gpus[0] if gpus else None)
+        target = f"GPU {ids[0]}" + (
+            f" {gpu['name']} (compute {gpu['compute_cap']}), driver {gpu['driver_version']}" if gpu else ""
+        )
+        build = f"onnxruntime-gpu {ort.get('version', '?')} (CUDA {ort.get('build_cuda', '?')})"
+        text = f"CUDA would work: {build} on {target}"
+        if (probes.get("settings") or {}).get("device") == "cpu":
+            text += "; but IDENT_DEVICE=cpu keeps the worker on the CPU"
+        return True, text
+    reason = explain_cpu_fallback(_facts(probes), _gpu_ids(probes)[0])
+    if reason is None:
+        first = next((c for c in failed if c.name != "CUDA execution provider"), failed[0])
+        reason = first.detail
+    text = f"CUDA cannot be used, the worker would run on CPU: {reason}"
+    libraries = next((c for c in failed if c.name == "CUDA/cuDNN libraries"), None)
+    facts = _facts(probes)
+    missing = (["libcuda.so.1"] if facts.libcuda_error else []) + _missing_libraries(probes)
+    if libraries is not None or facts.libcuda_error:
+        if missing:
+            text += f". Missing libraries: {', '.join(missing)}"
+    others = [c.name for c in failed if c.name != "CUDA execution provider"]
+    if others:
+        text += f". Failed checks: {', '.join(others)}"
+    return False, text
+
+
+def _missing_libraries(probes: Mapping) -> list[str]:
+    build = (probes.get("ort") or {}).get("build_cuda") or ""
+    libraries = probes.get("libraries") or {}
+    cache = parse_ldconfig(probes.get("ldconfig") or "")
+    pip = (probes.get("pip") or {}).get("nvidia_libs") or {}
+    return [
+        lib.soname
+        for lib in cuda_library_sonames(build)
+        if lib.required
+        and lib.soname != "libcuda.so.1"
+        and not (libraries.get(lib.soname) or {}).get("loaded")
+        and not cache.get(lib.soname)
+        and not pip.get(lib.soname)
+    ]
+
+
+def build_report(probes: dict) -> DoctorReport:
+    checks = evaluate(probes)
+    usable, text = verdict(checks, probes)
+    return DoctorReport(checks=checks, cuda_usable=usable, verdict=text, probes=probes)
+
+
+# ---------------------------------------------------------------------------
+# Probes: the only part that touches the host
+# ---------------------------------------------------------------------------
+
+Runner = Callable[..., subprocess.CompletedProcess]
+
+
+def _run(runner: Runner, argv: list[str]) -> dict:
+    try:
+        done = runner(argv, capture_output=True, text=True, timeout=SMI_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        return {"rc": None, "stdout": "", "stderr": "", "error": f"timed out after {SMI_TIMEOUT_S} s"}
+    except OSError as exc:
+        return {"rc": None, "stdout": "", "stderr": "", "error": str(exc)}
+    return {"rc": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
+
+
+def probe_nvidia_smi(runner: Runner = subprocess.run, which: Callable[[str], str | None] = shutil.which) -> dict:
+    path = which("nvidia-smi")
+    if not path:
+        return {"path": None}
+    return {
+        "path": path,
+        "query": _run(runner, [path, f"--query-gpu={SMI_QUERY_FIELDS}", "--format=csv,noheader"]),
+        "header": _run(runner, [path]),
+    }
+
+
+def probe_ldconfig(runner: Runner = subprocess.run) -> str | None:
+    path = shutil.which("ldconfig") or next(
+        (p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.path.exists(p)), None
+    )
+    if not path:
+        return None
+    result = _run(runner, [path, "-p"])
+    return result["stdout"] if result.get("rc") == 0 else None
+
+
+def probe_libraries(sonames: Iterable[str]) -> dict[str, dict]:
+    """dlopen each soname the way the CUDA EP will; the loader's own error says why not."""
+    found = {}
+    for soname in sonames:
+        try:
+            handle = ctypes.CDLL(soname)
+        except OSError as exc:
+            found[soname] = {"loaded": False, "error": str(exc)}
+            continue
+        found[soname] = {"loaded": True, "error": None, "path": _loaded_path(handle, soname)}
+    return found
+
+
+def _loaded_path(handle: ctypes.CDLL, soname: str) -> str | None:
+    """Where the loader found it, from /proc/self/maps (dlinfo is not in ctypes)."""
+    del handle
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split()[-1] if line.split() else ""
+        if path.endswith("/" + soname) or os.path.basename(path).startswith(soname + "."):
+            return path
+    return None
+
+
+def probe_pip() -> dict:
+    """nvidia-* wheels (onnxruntime-gpu[cuda,cudnn] extras) and the libraries they ship."""
+    wheels, libs, ort = {}, {}, {}
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata.get("Name") or "").lower()
+        if name.startswith("onnxruntime") or name.startswith("ort-nightly"):
+            ort[name] = dist.version
+        if not name.startswith("nvidia-"):
+            continue
+        wheels[name] = dist.version
+        for file in dist.files or []:
+            base = os.path.basename(str(file))
+            if base.startswith("lib") and ".so" in base:
+                libs.setdefault(base, str(dist.locate_file(file)))
+    return {"nvidia": wheels, "nvidia_libs": libs, "ort": ort}
+
+
+def probe_env(environ: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
+
+
+def probe_container(root: Path = Path("/")) -> dict:
+    evidence = []
+    if (root / ".dockerenv").exists():
+        evidence.append("/.dockerenv")
+    if (root / "run/.containerenv").exists():
+        evidence.append("/run/.containerenv")
+    for cgroup in ("proc/self/cgroup", "proc/1/cgroup"):
+        try:
+            text = (root / cgroup).read_text()
+        except OSError:
+            continue
+        match = re.search(r"docker|kubepods|containerd|libpod|lxc", text)
+        if match:
+            evidence.append(f"/{cgroup} mentions {match.group(0)}")
+            break
+    devices = sorted(str(p) for p in (root / "dev").glob("nvidia*")) if (root / "dev").is_dir() else []
+    return {"in_container": bool(evidence), "evidence": evidence, "dev_nvidia": [_rooted(root, d) for d in devices]}
+
+
+def _rooted(root: Path, path: str) -> str:
+    return "/" + os.path.relpath(path, root)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _uevent(device: Path) -> dict[str, str]:
+    text = _read(device / "uevent") or ""
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def _sysfs_gpu(device: Path, card: str | None) -> dict:
+    uevent = _uevent(device)
+    return {
+        "card": card,
+        "pci": uevent.get("PCI_SLOT_NAME") or device.resolve().name,
+        "vendor": _read(device / "vendor"),
+        "device": _read(device / "device"),
+        "class": _read(device / "class"),
+        # Only VGA-class devices have boot_vga; an MX card is a "3D controller".
+        "boot_vga": _read(device / "boot_vga"),
+        "driver": uevent.get("DRIVER"),
+        "runtime_status": _read(device / "power" / "runtime_status"),
+    }
+
+
+def probe_gpus_sysfs(sys_root: Path = Path("/sys")) -> list[dict]:
+    """Display devices: /sys/class/drm/card*, plus PCI display controllers no DRM
+    driver claimed (an NVIDIA GPU with no nvidia module has no card* entry)."""
+    gpus, seen = [], set()
+    drm = sys_root / "class" / "drm"
+    if drm.is_dir():
+        for card in sorted(drm.iterdir(), key=lambda p: p.name):
+            if not re.fullmatch(r"card\d+", card.name) or not (card / "device").exists():
+                continue
+            gpu = _sysfs_gpu(card / "device", card.name)
+            seen.add(gpu["pci"])
+            gpus.append(gpu)
+    pci = sys_root / "bus" / "pci" / "devices"
+    if pci.is_dir():
+        for device in sorted(pci.iterdir(), key=lambda p: p.name):
+            if not (_read(device / "class") or "").startswith("0x03"):
+                continue
+            gpu = _sysfs_gpu(device, None)
+            if gpu["pci"] not in seen:
+                seen.add(gpu["pci"])
+                gpus.append(gpu)
+    return gpus
+
+
+def probe_nvidia_module(proc_root: Path = Path("/proc")) -> dict:
+    modules = []
+    for line in (_read(proc_root / "modules") or "").splitlines():
+        name = line.split(" ", 1)[0]
+        if name.startswith("nvidia") or name == "nouveau":
+            modules.append(name)
+    return {"proc_version": _read(proc_root / "driver" / "nvidia" / "version"), "modules": modules}
+
+
+def probe_settings(environ: Mapping[str, str]) -> dict:
+    from tasks.settings import Settings
+
+    try:
+        settings = Settings.from_env(environ)
+    except ConfigurationError as exc:
+        return {"error": str(exc), "device": None, "gpu_ids": [0], "models_dir": environ.get("IDENT_MODELS_DIR")}
+    return {
+        "error": None,
+        "device": settings.device,
+        "gpu_ids": list(settings.gpu_ids),
+        "models_dir": str(settings.models_dir),
+    }
+
+
+def probe_placements(models_dir: Path, device_id: int, facts: CudaFacts) -> dict:
+    """One verbose CUDA session per catalog model present, keeping ORT's placement lines."""
+    reason = explain_cpu_fallback(facts, device_id)
+    if reason is not None:
+        return {
+            "skipped": "the CUDA EP cannot run on this host (see the 'CUDA execution provider' check)",
+            "reason": reason,
+            "models_dir": str(models_dir),
+            "models": [],
+        }
+    from models.catalog import CATALOG
+
+    results = []
+    for spec in CATALOG.values():
+        path = models_dir / spec.filename
+        if path.is_file():
+            results.append({"key": spec.key, "file": spec.filename, **_placement_log(path, device_id)})
+    return {"skipped": None, "models_dir": str(models_dir), "models": results}
+
+
+def _placement_log(path: Path, device_id: int) -> dict:
+    import onnxruntime as ort
+
+    from models.runtime import _captured_native_stderr
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 0
+    providers = [(CUDA_EP, {"device_id": device_id}), CPU_EP]
+    # The CUDA EP's "kernel not found" lines go through ORT's default logger,
+    # which models.runtime keeps at ERROR; open it up for this one session only.
+    ort.set_default_logger_severity(0)
+    try:
+        with _captured_native_stderr() as lines:
+            try:
+                session = ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as exc:  # ORT raises its own unexported exception types
+                return {"lines": [], "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+        del session
+    finally:
+        ort.set_default_logger_severity(3)
+    return {"lines": placement_lines(lines), "error": None}
+
+
+def collect_probes(environ: Mapping[str, str] | None = None, *, models: bool = True) -> dict:
+    """Everything ``evaluate`` needs, read from this host."""
+    env = dict(os.environ if environ is None else environ)
+    facts = probe_cuda()
+    ort_packages = probe_pip()
+    ort_info: dict[str, Any] = {
+        "packages": ort_packages["ort"],
+        "version": facts.ort_version,
+        "build_cuda": facts.ort_build_cuda,
+        "providers": facts.available_providers,
+        "import_error": facts.provider_library_error if not facts.ort_version else None,
+    }
+    sonames = [lib.soname for lib in cuda_library_sonames(facts.ort_build_cuda or "")] or ["libcuda.so.1"]
+    settings = probe_settings(env)
+    library_path = env.get("LD_LIBRARY_PATH") or ""
+    probes = {
+        "ort": ort_info,
+        "cuda_facts": facts.to_dict(),
+        "nvidia_smi": probe_nvidia_smi(),
+        "nvidia_module": probe_nvidia_module(),
+        "container": probe_container(),
+        "gpus_sysfs": probe_gpus_sysfs(),
+        "libraries": probe_libraries(sonames),
+        "ldconfig": probe_ldconfig(),
+        "pip": {"nvidia": ort_packages["nvidia"], "nvidia_libs": ort_packages["nvidia_libs"]},
+        "env": probe_env(env),
+        "ld_library_path_missing": [p for p in library_path.split(":") if p and not os.path.isdir(p)],
+        "settings": settings,
+    }
+    if models:
+        models_dir = Path(settings.get("models_dir") or ".")
+        probes["placements"] = probe_placements(models_dir, _gpu_ids(probes)[0], facts)
+    else:
+        probes["placements"] = {"skipped": "--no-models was given", "models": []}
+    return probes
+
+
+def collect(environ: Mapping[str, str] | None = None, *, models: bool = True) -> DoctorReport:
+    """Probe this host and evaluate it."""
+    return build_report(collect_probes(environ, models=models))
+
+
+# ---------------------------------------------------------------------------
+# CLI: `ident doctor [--json]`
+# ---------------------------------------------------------------------------
+
+STATUS_STYLES = {OK: "green", WARN: "yellow", FAIL: "bold red", SKIP: "dim"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the checks and the verdict as JSON")
+    parser.add_argument("--no-models", action="store_true", help="skip the per-model CUDA sessions (node placement)")
+    parser.add_argument(
+        "--save-probes", metavar="FILE", type=Path, help="also write the raw probes to FILE (attach it to a bug report)"
+    )
+    parser.add_argument(
+        "--from-probes",
+        metavar="FILE",
+        type=Path,
+        help="evaluate probes saved with --save-probes instead of probing this host",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """0: CUDA would work here; 1: it would not (the verdict says why); 2: the doctor itself failed."""
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    try:
+        if args.from_probes:
+            report = build_report(_load_probes(args.from_probes))
+        else:
+            report = collect(models=not args.no_models)
+        if args.save_probes:
+            args.save_probes.write_text(json.dumps(report.probes, indent=2, sort_keys=True) + "\n")
+        if args.json:
+            sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+        else:
+            render(report, Console())
+    except DoctorError as exc:
+        err.print(f"ident doctor: {exc}", markup=False, highlight=False)
+        return 2
+    except Exception:  # a bug in a probe must not look like "CUDA unusable"
+        err.print("ident doctor: internal error", markup=False)
+        err.print_exception()
+        return 2
+    return report.exit_code
+
+
+def _load_probes(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DoctorError(f"cannot read probes from {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise DoctorError(f"{path} does not hold a probes object")
+    return data
+
+
+def render(report: DoctorReport, console) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="ident doctor: why would the worker run on CPU?", show_lines=True, expand=True)
+    table.add_column("check", ratio=2, min_width=12)
+    table.add_column("status", no_wrap=True, min_width=6)
+    table.add_column("detail", ratio=6, overflow="fold")
+    table.add_column("fix", ratio=4, overflow="fold")
+    for check in report.checks:
+        table.add_row(
+            Text(check.name),
+            Text(check.status, style=STATUS_STYLES[check.status]),
+            Text(check.detail),
+            Text(check.fix or ""),
+        )
+    console.print(table)
+    style = "bold green" if report.cuda_usable else "bold red"
+    console.print(Text(report.verdict, style=style))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ident doctor", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The Compose files: valid against the Compose Specification's own JSON Schema,
+and holding the promises docs/gpu.md makes about them.
+
+Compose substitutes ``${VAR:-default}`` before it validates, so the tests do the
+same, with the values of .env.example; a required ``${VAR:?msg}`` that nothing
+sets fails the test as it would fail ``docker compose up``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema")
+yaml = pytest.importorskip("yaml")
+
+from tasks.settings import Settings, env_name  # noqa: E402
+from tests.conftest import REPO_ROOT, shared_dir  # noqa: E402
+
+COMPOSE_FILES = sorted(
+    p
+    for pattern in ("compose*.yml", "compose*.yaml", "docker-compose*.yml", "docker-compose*.yaml")
+    for p in REPO_ROOT.glob(pattern)
+)
+WORKERS = ("vision-worker", "audio-worker")
+
+
+class UnsetVariable(KeyError):
+    """A ``${VAR:?message}`` whose variable is unset or empty."""
+
+
+_REFERENCE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")
+_BRACED = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>.*))?$", re.S)
+
+
+def interpolate(value, env: dict[str, str], used: set[str] | None = None):
+    """Compose's variable substitution over a loaded YAML tree (values, not keys)."""
+    used = set() if used is None else used
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, used) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, used) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match) -> str:
+        if match.group("escaped"):
+            return "$"
+        if match.group("named"):
+            used.add(match.group("named"))
+            return env.get(match.group("named"), "")
+        parsed = _BRACED.match(match.group("braced"))
+        if parsed is None:
+            raise ValueError(f"invalid interpolation {match.group(0)!r}")
+        name, op, arg = parsed.group("name"), parsed.group("op"), parsed.group("arg")
+        used.add(name)
+        current = env.get(name)
+        empty = current is None or (current == "" and op is not None and op.startswith(":"))
+        if op in (":-", "-"):
+            return interpolate(arg, env, used) if empty else current
+        if op in (":?", "?"):
+            if empty:
+                raise UnsetVariable(f"{name}: {arg}")
+            return current
+        if op in (":+", "+"):
+            return "" if empty else interpolate(arg, env, used)
+        return current or ""
+
+    return _REFERENCE.sub(replace, value)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            env[key.strip()] = value.strip()
+    return env
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    import json
+
+    path = shared_dir() / "schemas" / "compose-spec.json"
+    if not path.is_file():
+        pytest.fail(f"the Compose Specification schema is not at {path}: set IDENT_SHARED_DIR")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def example_env() -> dict[str, str]:
+    return read_env_file(REPO_ROOT / ".env.example")
+
+
+def load(path: Path, env: dict[str, str], used: set[str] | None = None) -> dict:
+    return interpolate(yaml.safe_load(path.read_text()), env, used)
+
+
+def raw(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def test_there_are_gpu_and_cpu_compose_files():
+    names = {p.name for p in COMPOSE_FILES}
+    assert {"compose.gpu.yml", "compose.cpu.yml"} <= names
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_valid_against_the_compose_specification(path, schema, example_env):
+    document = load(path, example_env)
+    validator = jsonschema.Draft7Validator(schema)
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_env_example_sets_every_variable_the_file_uses(path, example_env):
+    used: set[str] = set()
+    load(path, example_env, used)
+    assert used - set(example_env) == set(), "add these to .env.example"
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_required_secrets_refuse_to_default(path, example_env):
+    for secret in ("IDENT_REDIS_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD", "IDENT_MODELS_HOST_DIR"):
+        env = {k: v for k, v in example_env.items() if k != secret}
+        with pytest.raises(UnsetVariable, match=secret):
+            load(path, env)
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_redis_is_private_persistent_and_health_checked(path, example_env):
+    redis = load(path, example_env)["services"]["redis"]
+    assert "ports" not in redis and "expose" not in redis
+    command = " ".join(redis["command"]) if isinstance(redis["command"], list) else redis["command"]
+    assert "--appendonly yes" in command and "--requirepass" in command
+    assert redis["environment"]["REDIS_PASSWORD"] == example_env["IDENT_REDIS_PASSWORD"]
+    test = " ".join(redis["healthcheck"]["test"])
+    assert "redis-cli -a" in test and "ping" in test
+    assert any(str(v).endswith(":/data") for v in redis["volumes"])
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_flower_always_has_basic_auth(path, example_env):
+    flower = raw(path)["services"]["flower"]
+    assert flower["command"].startswith("celery -A workers.vision flower")
+    assert re.search(r"--basic-auth=\$\{FLOWER_USER:\?[^}]*\}:\$\{FLOWER_PASSWORD:\?[^}]*\}", flower["command"])
+    resolved = load(path, example_env)["services"]["flower"]
+    user, password = example_env["FLOWER_USER"], example_env["FLOWER_PASSWORD"]
+    assert f"--basic-auth={user}:{password}" in resolved["command"]
+    assert any(str(p).endswith(":5555") for p in resolved["ports"])
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_worker_commands_and_wiring(path, example_env):
+    services = raw(path)["services"]
+    for kind in ("vision", "audio"):
+        worker = services[f"{kind}-worker"]
+        concurrency = f"IDENT_{kind.upper()}_CONCURRENCY"
+        assert (
+            worker["command"]
+            == f"celery -A workers.{kind} worker -Q {kind} -c ${{{concurrency}:-2}} -E --loglevel=INFO"
+        )
+        assert worker["depends_on"] == {"redis": {"condition": "service_healthy"}}
+        env = worker["environment"]
+        assert env["IDENT_REDIS_URL"] == "redis://:${IDENT_REDIS_PASSWORD}@redis:6379/0"
+        assert env["IDENT_MODELS_DIR"] == "/models"
+        assert any(str(v).endswith(":/models:ro") for v in worker["volumes"])
+        assert "ports" not in worker
+
+
+def test_gpu_workers_reserve_pinned_nvidia_gpus(example_env):
+    services = load(REPO_ROOT / "compose.gpu.yml", example_env)["services"]
+    workers = {name: s for name, s in services.items() if "worker" in name}
+    assert set(WORKERS) <= set(workers)
+    pinned = {}
+    for name, service in workers.items():
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        (nvidia,) = [d for d in devices if d.get("driver") == "nvidia"]
+        assert "gpu" in nvidia["capabilities"]
+        assert "count" not in nvidia and len(nvidia["device_ids"]) == 1, f"{name} must pin one GPU"
+        pinned[name] = nvidia["device_ids"][0]
+        # Reserved GPUs are renumbered from 0 inside the container.
+        assert service["environment"]["IDENT_GPU_IDS"] == "0"
+        assert service["environment"]["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+    assert pinned["vision-worker"] == example_env["IDENT_VISION_GPU"]
+    assert pinned["vision-worker-gpu1"] == example_env["IDENT_VISION_GPU1"] != pinned["vision-worker"]
+    assert services["vision-worker-gpu1"]["profiles"] == ["multi-gpu"]
+    assert "deploy" not in services["flower"] and "deploy" not in services["redis"]
+
+
+def test_cpu_variant_has_no_gpu_and_says_so(example_env):
+    services = load(REPO_ROOT / "compose.cpu.yml", example_env)["services"]
+    for name, service in services.items():
+        assert "gpus" not in service and "devices" not in service
+        assert "devices" not in ((service.get("deploy") or {}).get("resources") or {}).get("reservations", {})
+    for name in WORKERS:
+        assert services[name]["environment"]["IDENT_DEVICE"] == "cpu"
+    gpu = load(REPO_ROOT / "compose.gpu.yml", example_env)["services"]
+    assert set(services) == {name for name, s in gpu.items() if not s.get("profiles")}
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_defaults_match_the_settings_defaults(path):
+    """A `${IDENT_X:-d}` default that drifted from tasks/settings.py would
+    silently change a deployment's behaviour."""
+    defaults = Settings()
+    text = path.read_text()
+    checked = 0
+    for f in fields(Settings):
+        for match in re.finditer(r"\$\{" + env_name(f.name) + r":-([^}]*)\}", text):
+            if f.name == "device":
+                continue  # compose.gpu.yml's `cuda` is a deliberate choice, see the comment there
+            parsed = Settings.from_env({env_name(f.name): match.group(1)})
+            assert getattr(parsed, f.name) == getattr(defaults, f.name), f"{env_name(f.name)} default"
+            checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_every_ident_variable_passed_to_a_container_is_a_setting(path, example_env):
+    known = {env_name(f.name) for f in fields(Settings)}
+    for name, service in load(path, example_env)["services"].items():
+        environment = service.get("environment") or {}
+        passed = {k for k in environment if k.startswith("IDENT_")}
+        assert passed <= known, f"{name}: {sorted(passed - known)} are not in tasks/settings.py"
+
+
+def test_env_example_settings_are_the_defaults(example_env):
+    defaults = Settings()
+    settings_vars = {env_name(f.name): f.name for f in fields(Settings)}
+    for key, value in example_env.items():
+        if key in settings_vars and key != "IDENT_DEVICE":
+            parsed = Settings.from_env({key: value})
+            assert getattr(parsed, settings_vars[key]) == getattr(defaults, settings_vars[key]), key
+
+
+def test_dockerfile_runs_as_non_root_and_mounts_models():
+    text = (REPO_ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM \S+", text, re.M)
+    assert re.search(r"^USER (?!root|0\b)\S+", text, re.M)
+    assert 'pip install "/src[worker]" "${ORT_GPU_SPEC}"' in text
+    assert ".onnx" not in "".join(l for l in text.splitlines() if l.startswith(("COPY", "ADD")))
+    assert "*.onnx" in (REPO_ROOT / ".dockerignore").read_text()
+
+
+def test_interpolation_rules():
+    env = {"A": "x", "EMPTY": ""}
+    assert interpolate("${A:-d} ${B:-d} ${EMPTY:-d} ${EMPTY-d} $$A $A ${A:+set}", env) == "x d d  $A x set"
+    with pytest.raises(UnsetVariable):
+        interpolate("${EMPTY:?needed}", env)
