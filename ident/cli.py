@@ -226,7 +226,11 @@ def cmd_up(args) -> int:
         runner.start()
         cmd_status(argparse.Namespace(json=False, timeout=2.0))
         err_console.print("fleet is up; Ctrl-C stops everything")
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        # Blocked only now: the workers started above must keep SIGTERM, the
+        # signal their warm shutdown answers to.
+        stop_signals = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        signal.sigwait(stop_signals)
     except KeyboardInterrupt:
         pass
     finally:
