@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -199,21 +201,48 @@ class LocalFleetRunner:
             client = IdentClient()
             wait_until_ready(client.app, self.workers, timeout=self.args.ready_timeout)
         if self.args.flower:
-            self.flower = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "workers.vision", "flower",
-                 f"--port={self.args.flower_port}", f"--basic-auth={self.args.flower_auth}"],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            err_console.print(f"Flower at http://127.0.0.1:{self.args.flower_port} (basic auth {self.args.flower_auth.split(':')[0]})")
+            self.flower = self._start_flower(env)
         for worker in self.workers:
             err_console.print(f"{worker.name}: log {worker.log_path}")
         return client
+
+    def _start_flower(self, env: dict) -> subprocess.Popen:
+        """Flower on loopback only, with basic auth, its log beside the workers'."""
+        user, _, password = self.args.flower_auth.partition(":")
+        if not password:
+            password = secrets.token_urlsafe(12)
+        log_path = self.workers[0].log_path.with_name("flower.log")
+        with log_path.open("ab") as log_file:
+            flower = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "workers.vision", "flower", "--address=127.0.0.1",
+                 f"--port={self.args.flower_port}", f"--basic-auth={user or 'admin'}:{password}"],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if flower.poll() is not None:
+                raise IdentError(f"Flower exited with {flower.returncode}; see {log_path}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.args.flower_port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            flower.kill()
+            raise IdentError(f"Flower did not listen on port {self.args.flower_port} within 20 s; see {log_path}")
+        err_console.print(f"Flower at http://127.0.0.1:{self.args.flower_port} (user {user or 'admin'}, "
+                          f"password {password}); log {log_path}")
+        return flower
 
     def stop(self) -> None:
         with err_console.status("stopping the fleet..."):
             if self.flower and self.flower.poll() is None:
                 self.flower.terminate()
-                self.flower.wait(timeout=10)
+                try:
+                    self.flower.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.flower.kill()
+                    self.flower.wait()
             for worker in self.workers:
                 worker.stop()
             if self.redis:
@@ -282,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--audio-concurrency", type=int, default=1, help="pool processes of the audio worker")
         p.add_argument("--flower", action="store_true", help="also start the Flower dashboard")
         p.add_argument("--flower-port", type=int, default=5555)
-        p.add_argument("--flower-auth", default=os.environ.get("IDENT_FLOWER_AUTH", "admin:change-me"),
-                       help="user:password for Flower's basic auth (IDENT_FLOWER_AUTH)")
+        p.add_argument("--flower-auth", default=os.environ.get("IDENT_FLOWER_AUTH", "admin"),
+                       help="user:password for Flower's basic auth (IDENT_FLOWER_AUTH); "
+                            "with no password a random one is made and printed")
         p.add_argument("--ready-timeout", type=float, default=180.0)
 
     up = sub.add_parser("up", help="run a local fleet in the foreground (embedded Redis unless IDENT_REDIS_URL is set)")

@@ -1,0 +1,70 @@
+"""The README's main command and `ident up`: embedded Redis, both workers, clean stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from ident.fleet import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def _env(models_path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDENT_")}
+    env["IDENT_MODELS_DIR"] = str(models_path)
+    return env
+
+
+def _descendants_of(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_demo_runs_samples_on_an_embedded_redis(models_path):
+    completed = subprocess.run([sys.executable, "-m", "ident.cli", "demo"], env=_env(models_path),
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "embedded redis-server" in completed.stderr
+    assert "vision.get_status: device=" in completed.stdout and "audio.get_status: device=" in completed.stdout
+    assert completed.stdout.count('"execution_provider"') >= 4
+    assert "<128 floats>" in completed.stdout
+
+
+def test_up_stops_everything_on_ctrl_c(models_path):
+    port = free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "ident.cli", "up", "--flower", "--flower-port", str(port), "--flower-auth", "ops"],
+        env=_env(models_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = up.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        assert any("Ctrl-C stops everything" in line for line in lines), "".join(lines)
+        password = re.search(r"password (\S+)\)", "".join(lines)).group(1)
+        assert len(password) >= 12, "no password given, so a random one is made"
+        started = _descendants_of(up.pid)
+        assert len(started) >= 4, "redis-server, two workers with their pools, Flower"
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=90) == 0
+        time.sleep(1)
+        assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if up.poll() is None:
+            up.kill()
