@@ -4,7 +4,8 @@ its sha256, and the preprocessing constants that belong to it.
 Provenance, licences and the exact preprocessing of each entry are written up in
 ``../shared/models/MANIFEST.md``; the per-model READMEs under ``workers/`` hold
 the short version. Thresholds here are calibrated per model (see
-``docs/thresholds.md``): a threshold belongs to the model it was measured on.
+``docs/vision.md`` and ``docs/audio.md``): a threshold belongs to the model it was
+measured on.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ CATALOG: dict[str, ModelSpec] = {
             url=None,
             source="clovaai/aasist models/weights/AASIST.pth, converted to ONNX",
             licence="MIT",
-            params={"window_samples": 64600, "bonafide_class": 1, "threshold": 0.0},
+            params={"window_samples": 64600, "bonafide_class": 1, "threshold": -3.25},
         ),
         ModelSpec(
             key="aasist_l",
@@ -202,7 +203,7 @@ CATALOG: dict[str, ModelSpec] = {
             source="clovaai/aasist models/weights/AASIST-L.pth, converted to ONNX",
             licence="MIT",
             extra=True,
-            params={"window_samples": 64600, "bonafide_class": 1, "threshold": 0.0},
+            params={"window_samples": 64600, "bonafide_class": 1, "threshold": -3.7},
         ),
         ModelSpec(
             key="campplus_sv_zh_en",
