@@ -16,6 +16,7 @@ The life of a worker process:
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import json
 import logging
@@ -73,7 +74,7 @@ class WorkerRuntime:
         self.settings = settings
         self.pid = os.getpid()
         self.process_index = process_index
-        self.device_id = settings.gpu_ids[process_index % len(settings.gpu_ids)]
+        self.device_id = gpu_for_process(settings.gpu_ids, process_index)
         started = time.perf_counter()
         plan = plan_device(settings.device, self.device_id)
         threads = cpu_threads_per_session(settings.cpu_threads, pool_processes)
@@ -152,6 +153,11 @@ class WorkerRuntime:
             self._published = provider_state
 
 
+def gpu_for_process(gpu_ids: tuple[int, ...], process_index: int) -> int:
+    """Pool process k of a worker uses GPU ids[k mod n]."""
+    return gpu_ids[process_index % len(gpu_ids)]
+
+
 def register_pipeline(kind: str, factory: Callable[..., Any]) -> None:
     _pipeline_factories[kind] = factory
 
@@ -181,6 +187,8 @@ class FleetTask(Task):
     """
 
     abstract = True
+    # The worker shows redacted argument reprs, whatever the producer sent (see logsafety).
+    Request = "workers.logsafety:SafeRequest"
 
     def __call__(self, *args, **kwargs):
         current_runtime().job_started_at = time.time()
@@ -192,12 +200,21 @@ class FleetTask(Task):
         settings = current_runtime().settings
         client = self.app.backend.client
         key = f"ident:deliveries:{task_id}"
-        with client.pipeline() as pipe:
-            pipe.incr(key)
-            pipe.expire(key, max(settings.visibility_timeout, settings.task_time_limit) * (settings.max_deliveries + 1))
-            deliveries = pipe.execute()[0]
+        values = list(args) + list(kwargs.values())
+        references = [v[PAYLOAD_REF_FIELD] for v in values if isinstance(v, dict) and PAYLOAD_REF_FIELD in v]
+        finished = [key, *[r for r in references if _is_payload_key(r)]]
+        ttl = max(settings.visibility_timeout, settings.task_time_limit) * (settings.max_deliveries + 1)
+
+        def count() -> int:
+            with client.pipeline() as pipe:
+                pipe.incr(key)
+                pipe.expire(key, ttl)
+                return pipe.execute()[0]
+
+        deliveries = through_redis_outage(count, f"count the deliveries of job {task_id}")
         if deliveries > settings.max_deliveries:
-            client.delete(key)
+            # Given up for good: its payload (biometric data) goes too.
+            _forget(client, finished)
             raise PoisonMessage(
                 f"job {task_id} was delivered {deliveries} times and its worker process died "
                 f"each time (limit IDENT_MAX_DELIVERIES={settings.max_deliveries}); it is not run again"
@@ -207,9 +224,7 @@ class FleetTask(Task):
         finally:
             # Reached only when the job finished, well or badly; a process that
             # dies mid-job skips this, so a redelivery still finds its payload.
-            values = list(args) + list(kwargs.values())
-            references = [v[PAYLOAD_REF_FIELD] for v in values if isinstance(v, dict) and PAYLOAD_REF_FIELD in v]
-            client.delete(key, *[r for r in references if _is_payload_key(r)])
+            _forget(client, finished)
 
     def payload(self, value: Any, name: str) -> bytes:
         """The job's payload as bytes.
@@ -223,7 +238,11 @@ class FleetTask(Task):
             reference = value[PAYLOAD_REF_FIELD]
             if not _is_payload_key(reference):
                 raise InvalidInput(f"{name}.{PAYLOAD_REF_FIELD} must be a Redis key starting with {PAYLOAD_KEY_PREFIX!r}")
-            value = self.app.backend.client.get(reference)
+            client = self.app.backend.client
+            # Checked before the bytes are fetched: an oversized value never reaches the process.
+            size = through_redis_outage(lambda: client.strlen(reference), f"size {name}")
+            LimitExceeded.check(f"{name} size", size, settings.max_payload_bytes, "IDENT_MAX_PAYLOAD_BYTES", "bytes")
+            value = through_redis_outage(lambda: client.get(reference), f"fetch {name}")
             if value is None:
                 raise InvalidInput(
                     f"{name} refers to {reference}, which is not in Redis: it expired or was never stored"
@@ -256,6 +275,37 @@ class AnalyzeTask(FleetTask):
             for slot, result in zip(slots, runtime.pipeline.analyze_many(payloads, options)):
                 outcomes[slot] = result if isinstance(result, BaseException) else runtime.finish(result)
         return outcomes
+
+
+def through_redis_outage(operation: Callable[[], Any], what: str, patience: float = 60.0) -> Any:
+    """``operation()``, retried while Redis is unreachable (a restart, a failover).
+
+    A job cannot report its result without Redis either, so waiting for it to
+    come back is better than failing the job with a ConnectionError.
+    """
+    import redis
+
+    deadline = time.monotonic() + patience
+    delay = 0.1
+    while True:
+        try:
+            return operation()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("Redis is unreachable (%s); will %s again in %.1f s", exc, what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _forget(client, keys: list[str]) -> None:
+    """Delete a finished job's counter and payload; they expire anyway, so an outage only logs."""
+    import redis
+
+    try:
+        through_redis_outage(lambda: client.delete(*keys), "delete a finished job's keys", patience=30.0)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.warning("could not delete %d keys of a finished job (%s); they expire on their own", len(keys), exc)
 
 
 def _is_payload_key(reference: Any) -> bool:
@@ -383,7 +433,13 @@ def _on_worker_setup(sender, instance, conf, **kwargs) -> None:
     settings = load_settings()
     for warning in settings.warnings():
         log.warning("%s", warning)
-    _preflight(kind, settings)
+    try:
+        _preflight(kind, settings)
+    except IdentError as exc:
+        log.critical("the %s worker cannot serve: %s", kind, exc)
+        # Celery logs and swallows an Exception from a signal handler; the
+        # worker must not start, so leave with SystemExit, which it lets through.
+        raise SystemExit(f"the {kind} worker refused to start: {exc}") from None
     folder = status_dir(sender)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.json"):
@@ -418,6 +474,11 @@ def _on_process_init(**kwargs) -> None:
     if _identity.kind is None:
         return
     runtime = current_runtime()
+    # Everything alive now (modules, sessions, the pipeline) lives as long as
+    # the process: moved out of the collector's sight, a full collection
+    # after a failed job costs well under a millisecond instead of ~35 ms.
+    gc.collect()
+    gc.freeze()
     log.info(
         "%s pool process %d ready in %.0f ms: %s",
         runtime.kind,
@@ -425,6 +486,19 @@ def _on_process_init(**kwargs) -> None:
         runtime.load_ms,
         runtime.providers()[0],
     )
+
+
+@signals.task_postrun.connect
+def _after_job(state=None, **kwargs) -> None:
+    """Free a failed job's traceback at once.
+
+    Each failure leaves reference cycles behind (billiard's picklable copy of
+    the traceback keeps every frame's code positions, ~200 KB a job) that the
+    generational collector reaches only late: 300 bad inputs grew a pool
+    process by 30 MB, plateauing 110 MB up. Collected here, memory stays flat.
+    """
+    if _identity.kind is not None and state != "SUCCESS":
+        gc.collect()
 
 
 @signals.worker_process_shutdown.connect

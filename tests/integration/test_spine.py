@@ -93,3 +93,21 @@ def test_a_client_that_imports_nothing_from_the_repo(fleet, fleet_env, tmp_path)
         assert all(m["provider"] for m in out[kind]["models"].values())
     names = {name for reply in out["broadcast"] for name in reply}
     assert {"vision-a@itest", "audio-a@itest"} <= names
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"IDENT_DEVICE": "cuda"}, "IDENT_DEVICE=cuda but CUDA cannot be used"),
+        ({"IDENT_MODELS_DIR": "/nonexistent/models"}, "ident models fetch"),
+        ({"IDENT_DEVICE": "gpu"}, "IDENT_DEVICE='gpu' is not valid"),
+    ],
+)
+def test_a_worker_that_cannot_serve_refuses_to_start(fleet_env, env, expected):
+    if "IDENT_DEVICE" in env and env["IDENT_DEVICE"] == "cuda" and _driver_present():
+        pytest.skip("this host has CUDA")
+    command = [sys.executable, "-m", "celery", "-A", "workers.vision", "worker", "-Q", "vision", "-c", "1",
+               "-n", "refuses@itest"]
+    completed = subprocess.run(command, env={**fleet_env, **env}, capture_output=True, text=True, timeout=120)
+    assert completed.returncode != 0
+    assert expected in completed.stdout + completed.stderr

@@ -1,0 +1,58 @@
+"""The per-process runtime's pure parts: GPU pinning, thread sizing, warm-up feeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.catalog import CATALOG
+from models.runtime import CPU_EP, DevicePlan, cpu_threads_per_session, open_session, warmup_feed
+from tasks.errors import ModelUnavailable
+from workers.bootstrap import gpu_for_process
+
+
+def test_pool_process_k_uses_gpu_k_mod_n():
+    assert [gpu_for_process((0, 1), k) for k in range(5)] == [0, 1, 0, 1, 0]
+    assert [gpu_for_process((3,), k) for k in range(3)] == [3, 3, 3]
+
+
+def test_threads_never_oversubscribe_the_cores(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert cpu_threads_per_session(0, 1) == 8
+    assert cpu_threads_per_session(0, 2) == 4
+    assert cpu_threads_per_session(0, 3) == 2
+    assert cpu_threads_per_session(0, 16) == 1
+    assert cpu_threads_per_session(5, 16) == 5, "IDENT_CPU_THREADS wins"
+
+
+CPU_ONLY = DevicePlan([CPU_EP], None, "IDENT_DEVICE=cpu asks for the CPU only")
+
+
+@pytest.mark.parametrize("key", [k for k, s in CATALOG.items() if s.sha256 and s.size_bytes])
+def test_every_shared_model_opens_warms_and_reports(models_path, key):
+    spec = CATALOG[key]
+    if not (models_path / spec.filename).exists():
+        pytest.skip(f"{spec.filename} is not in {models_path}")
+    session = open_session(spec, models_path, CPU_ONLY, threads=1)
+    status = session.status()
+    assert status["provider"] == CPU_EP and status["device_id"] is None
+    assert status["sha256"] == spec.sha256 and status["message"] == CPU_ONLY.cpu_reason
+    runs = session.runs
+    session.run(None, warmup_feed(session))
+    assert session.runs == runs + 1 and session.provider == CPU_EP
+
+
+def test_a_missing_or_corrupt_model_is_named(tmp_path, models_path):
+    spec = CATALOG["arcface_mobilefacenet"]
+    with pytest.raises(ModelUnavailable, match="ident models fetch"):
+        open_session(spec, tmp_path, CPU_ONLY, threads=1)
+    (tmp_path / spec.filename).write_bytes(b"\0" * 64)
+    with pytest.raises(ModelUnavailable, match="sha256"):
+        open_session(spec, tmp_path, CPU_ONLY, threads=1)
+
+
+def test_warmup_feed_follows_the_catalog_shapes(models_path):
+    session = open_session(CATALOG["silero_vad"], models_path, CPU_ONLY, threads=1)
+    feed = warmup_feed(session)
+    assert feed["input"].shape == (1, 576) and feed["state"].shape == (2, 1, 128)
+    assert feed["sr"].dtype == np.int64 and int(feed["sr"]) == 16000
