@@ -156,6 +156,8 @@ def wait_until_ready(app, workers: list[WorkerProcess], timeout: float = 120) ->
     from tasks.contract import MODEL_STATUS_COMMAND
 
     wanted = {w.name for w in workers}
+    with app.connection_for_read() as connection:
+        connection_errors = connection.connection_errors
     deadline = time.monotonic() + timeout
     replies: list[dict] = []
     while time.monotonic() < deadline:
@@ -163,7 +165,12 @@ def wait_until_ready(app, workers: list[WorkerProcess], timeout: float = 120) ->
             if worker.process.poll() is not None:
                 tail = worker.log_path.read_text(errors="replace")[-3000:]
                 raise FleetError(f"worker {worker.name} exited with {worker.process.returncode}:\n{tail}")
-        replies = app.control.broadcast(MODEL_STATUS_COMMAND, reply=True, timeout=1.0, destination=list(wanted))
+        try:
+            replies = app.control.broadcast(MODEL_STATUS_COMMAND, reply=True, timeout=1.0, destination=list(wanted))
+        except connection_errors:
+            # A connection pooled before a Redis restart fails once; the next call reconnects.
+            time.sleep(0.3)
+            continue
         answered = {}
         for reply in replies:
             answered.update(reply)

@@ -37,7 +37,21 @@ def celery_config(settings: Settings) -> dict:
             "audio.*": {"queue": AUDIO_QUEUE, "routing_key": AUDIO_QUEUE},
         },
         "result_expires": settings.result_expires,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            # kombu sweeps for unacknowledged jobs past their visibility timeout
+            # (those of a worker that died whole) every interval x throttle
+            # seconds: 10 x 10 by default, so a dead worker's jobs waited up to
+            # 100 s more than IDENT_VISIBILITY_TIMEOUT. Sweep every
+            # VT/10 seconds (1 to 10 s) instead, on every timer tick.
+            "unacked_restore_interval": restore_interval(settings.visibility_timeout),
+            "unacked_restore_throttle": 1,
+            # The sweep holds a Redis lock for milliseconds; if its worker dies
+            # holding it, the others wait out its expiry (300 s by default)
+            # before they can sweep. Restores are transactions, so a lock that
+            # expires early cannot hand a job out twice.
+            "unacked_mutex_expire": 30,
+        },
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         # Keep trying through a Redis restart instead of giving up.
         "broker_connection_retry_on_startup": True,
@@ -56,6 +70,11 @@ def celery_config(settings: Settings) -> dict:
         config["broker_use_ssl"] = tls
         config["redis_backend_use_ssl"] = tls
     return config
+
+
+def restore_interval(visibility_timeout: int) -> int:
+    """Seconds between sweeps for jobs whose worker died: a tenth of the timeout, 1 to 10 s."""
+    return max(1, min(10, visibility_timeout // 10))
 
 
 def _tls_options(url: str) -> dict | None:

@@ -1,24 +1,46 @@
-"""Keep biometric data out of worker logs.
+"""Keep biometric data out of worker logs and monitoring events.
 
 Faces and voices are biometric data: no payload byte, embedding or landmark
-array may reach a log at any level. Two things stand in the way by default:
-Celery logs every task's return value on success (the whole result, embeddings
-included), and its debug logs print task arguments (the payload). The success
-line is shortened, and a filter on every handler replaces any bytes or long
-numeric sequence in a log record's arguments with a size placeholder.
+array may reach a log at any level, nor an event (what Flower shows). What
+stands in the way by default, and what is done about it:
+
+* Celery logs every task's return value on success (embeddings included):
+  the success line is shortened.
+* The result's repr also rides on the ``task-succeeded`` event: the tracer's
+  ``saferepr`` is given redacted results (sizes instead of arrays).
+* A producer that does not set ``argsrepr`` (plain ``send_task``) gets one
+  made by Celery from the arguments: a repr of the payload, which the worker
+  logs, sends in ``task-received`` events and answers to ``inspect``. The
+  worker rebuilds ``argsrepr`` and ``kwargsrepr`` from the arguments,
+  redacted (:class:`SafeRequest`, the request class of every fleet task).
+* Debug and error logs print message headers and bodies (``TaskPool: Apply``,
+  undecodable or unknown messages): a filter on every handler replaces bytes,
+  long numeric sequences and text that holds a bytes literal or a long base64
+  run, in a record's arguments, its message and its traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 
 from celery.app import trace
+from celery.utils.saferepr import saferepr
+from celery.worker import request as worker_request
+from celery.worker.request import Request
 
 # Celery's default success line ends in ": %(return_value)s".
 trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 
 _MAX_NUMBERS = 16
+# Arguments shown in argsrepr: longer text is a base64 payload.
+_MAX_ARGUMENT_TEXT = 64
+# b'... or b"... not preceded by a word character or a quote: a bytes literal
+# inside a repr (but not the string 'b' of a dict key).
+_BYTES_LITERAL = re.compile(r"(?<![\w'\"])b['\"]")
+# A run of base64 characters long enough to carry 36 bytes of a payload.
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{48,}")
 
 
 def redact(value):
@@ -31,10 +53,84 @@ def redact(value):
         if len(value) > _MAX_NUMBERS or any(isinstance(v, (list, tuple, bytes, bytearray, Mapping)) for v in value):
             return f"<{type(value).__name__} of {len(value)} items>"
         return value
-    if isinstance(value, str) and len(value) > 512:
-        # Long text in an argument is a base64 payload or a serialized result.
-        return f"<{len(value)} characters>"
+    if isinstance(value, str):
+        if holds_payload(value):
+            # A repr of a message (TaskPool: Apply, undecodable bodies): keep what comes before the bytes.
+            return scrub(value)
+        if len(value) > 512:
+            # Long text in an argument is a base64 payload or a serialized result.
+            return f"<{len(value)} characters>"
     return value
+
+
+def holds_payload(text: str) -> bool:
+    """Whether ``text`` shows raw bytes (a bytes literal) or a base64-encoded run of them."""
+    if _BYTES_LITERAL.search(text):
+        return True
+    for run in _BASE64_RUN.findall(text):
+        # Base64 of binary data mixes cases and digits; paths, words and hex digests do not.
+        if any(c.isupper() for c in run) and any(c.islower() for c in run) and any(c.isdigit() for c in run):
+            return True
+    return False
+
+
+def scrub(text: str) -> str:
+    """``text`` up to the first trace of payload, then only how much was left out."""
+    cut = len(text)
+    match = _BYTES_LITERAL.search(text)
+    if match:
+        cut = match.start()
+    for run in _BASE64_RUN.finditer(text):
+        if holds_payload(run.group()):
+            cut = min(cut, run.start())
+            break
+    if cut == len(text):
+        return text
+    return f"{text[:cut]}<{len(text) - cut} characters withheld: they may hold payload bytes>"
+
+
+def redact_arguments(args) -> tuple:
+    """A task's positional arguments for display: payloads become sizes."""
+    return tuple(_redact_argument(value) for value in (args or ()))
+
+
+def _redact_argument(value):
+    if isinstance(value, str) and len(value) > _MAX_ARGUMENT_TEXT:
+        return f"<{len(value)} characters>"
+    if isinstance(value, Mapping):
+        return {key: _redact_argument(item) for key, item in value.items()}
+    return redact(value)
+
+
+class SafeRequest(Request):
+    """The worker's view of a job, with argsrepr/kwargsrepr rebuilt from the redacted arguments.
+
+    The producer's argsrepr is not trusted to be safe: Celery fills it with a
+    repr of the payload when the producer does not set it. The rebuilt reprs
+    are what the worker logs, sends in events, answers to ``inspect`` and
+    hands to the pool process.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        try:
+            argsrepr = saferepr(redact_arguments(self.args), 512)
+            kwargsrepr = saferepr({key: _redact_argument(v) for key, v in (self.kwargs or {}).items()}, 512)
+        except Exception:  # noqa: BLE001 -- malformed arguments: the task itself will say so
+            argsrepr = kwargsrepr = "<not shown>"
+        self._argsrepr = self._request_dict["argsrepr"] = argsrepr
+        self._kwargsrepr = self._request_dict["kwargsrepr"] = kwargsrepr
+
+
+def _redacted_saferepr(value, maxlen=None, *args, **kwargs):
+    return saferepr(redact(value), maxlen, *args, **kwargs)
+
+
+# The tracer's repr of a task's return value (the task-succeeded event, and the
+# success log line before it was shortened) and the request's own, for a job
+# whose process died after storing its result.
+trace.saferepr = _redacted_saferepr
+worker_request.saferepr = _redacted_saferepr
 
 
 class RedactBiometrics(logging.Filter):
@@ -44,6 +140,19 @@ class RedactBiometrics(logging.Filter):
                 record.args = {key: redact(value) for key, value in record.args.items()}
             else:
                 record.args = tuple(redact(value) for value in record.args)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 -- a broken record is the handler's to report
+            return True
+        if holds_payload(message):
+            record.msg, record.args = scrub(message), None
+        if record.exc_info and not record.exc_text:
+            try:
+                text = logging.Formatter().formatException(record.exc_info)
+            except Exception:  # noqa: BLE001 -- leave it to the handler's formatter
+                return True
+            if holds_payload(text):
+                record.exc_text = scrub(text)
         return True
 
 

@@ -44,3 +44,11 @@ def test_producer_side_imports_nothing_heavy():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+def test_dead_workers_jobs_are_swept_soon_after_the_visibility_timeout():
+    # kombu's default sweep runs every 10 s x 10 calls: up to 100 s late.
+    for timeout, interval in ((10, 1), (15, 1), (60, 6), (600, 10), (3600, 10)):
+        options = celery_config(Settings.from_env({"IDENT_VISIBILITY_TIMEOUT": str(timeout)}))["broker_transport_options"]
+        assert options["unacked_restore_interval"] == interval
+        assert options["unacked_restore_throttle"] == 1

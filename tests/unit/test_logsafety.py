@@ -16,3 +16,34 @@ def test_filter_rewrites_record_arguments():
     record = logging.LogRecord("t", logging.INFO, __file__, 1, "got %r and %s", (b"\x00" * 50, [0.25] * 64), None)
     RedactBiometrics().filter(record)
     assert record.getMessage() == "got '<50 bytes>' and <list of 64 items>"
+
+
+def test_text_showing_payload_bytes_is_recognised():
+    from workers.logsafety import holds_payload, scrub
+
+    assert holds_payload("(b'\\xff\\xd8\\xff\\xe0', None)")
+    assert holds_payload("{'argsrepr': \"[b'52494646']\"}")
+    assert holds_payload("('/9j/4AAQSkZJRgABAQEASABIAAD/4gJASUNDX1BST0ZJTEUAAQEAAAIw', None)")
+    # Not payloads: a dict key 'b', paths, hex digests, plain words.
+    assert not holds_payload("{'b': 1, 'a': 2}")
+    assert not holds_payload("/work/main/.venv/lib/python3.11/site-packages/celery/app/trace.py")
+    assert not holds_payload("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+    assert scrub("Apply (args:('vision.analyze', b'\\xff\\xd8'))") == (
+        "Apply (args:('vision.analyze', <13 characters withheld: they may hold payload bytes>"
+    )
+
+
+def test_filter_scrubs_preformatted_messages():
+    text = "TaskPool: Apply (args:('vision.analyze', 'id-1', {'lang': 'py'}, b'\\x92\\x91\\xc4\\x10JFIF'))"
+    record = logging.LogRecord("t", logging.DEBUG, __file__, 1, "%s", (text,), None)
+    RedactBiometrics().filter(record)
+    message = record.getMessage()
+    assert message.startswith("TaskPool: Apply (args:('vision.analyze', 'id-1'") and "JFIF" not in message
+
+
+def test_argument_reprs_show_sizes():
+    from workers.logsafety import redact_arguments
+
+    assert redact_arguments((b"\xff" * 10, None)) == ("<10 bytes>", None)
+    assert redact_arguments(("QUJD" * 40, {"max_faces": 2})) == ("<160 characters>", {"max_faces": 2})
+    assert redact_arguments(({"payload_ref": "ident:payload:abc"},)) == ({"payload_ref": "ident:payload:abc"},)
