@@ -265,3 +265,24 @@ def test_mp3_decodes_like_one_whole_read(data_path):
     wave, info = decode(payload, 600.0)
     assert info["format"] == "MP3" and len(wave) == len(expected)
     assert np.abs(wave - expected).max() < 1e-3
+
+
+def test_a_wav_header_claiming_hours_is_refused_before_reading():
+    import struct
+
+    from tasks.errors import LimitExceeded
+    from workers.audio.decoding import decode, wav_claimed_seconds
+
+    rate = 16000
+    samples = b"\x00\x01" * rate
+    claimed = 37 * 3600 * rate * 2
+    forged = (b"RIFF" + struct.pack("<I", 0xFFFFFFF0) + b"WAVE" + b"fmt " + struct.pack("<I", 16)
+              + struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
+              + b"data" + struct.pack("<I", min(claimed, 0xFFFFFFF0)) + samples)
+    assert wav_claimed_seconds(forged) > 3600
+    with pytest.raises(LimitExceeded, match="WAV header claims"):
+        decode(forged, max_seconds=30)
+    honest = forged[:40] + struct.pack("<I", len(samples)) + samples
+    assert wav_claimed_seconds(honest) == pytest.approx(1.0)
+    streaming = forged[:40] + struct.pack("<I", 0xFFFFFFFF) + samples
+    assert wav_claimed_seconds(streaming) is None

@@ -76,6 +76,11 @@ def decode(payload: bytes, max_seconds: float, *, min_seconds: float = MIN_SECON
     """
     if not payload:
         raise InvalidInput(f"the audio payload is empty (0 bytes); send the bytes of a {SUPPORTED} file")
+    claimed = wav_claimed_seconds(payload)
+    if claimed is not None:
+        LimitExceeded.check(
+            "the audio duration the WAV header claims", claimed, max_seconds, "IDENT_MAX_AUDIO_SECONDS", "s"
+        )
     try:
         handle = sf.SoundFile(io.BytesIO(payload))
     except _DECODER_ERRORS as exc:
@@ -119,6 +124,32 @@ def decode(payload: bytes, max_seconds: float, *, min_seconds: float = MIN_SECON
     info["duration_s"] = round(len(wave) / TARGET_RATE, 4)
     info["truncated"] = error is not None
     return wave, info
+
+
+def wav_claimed_seconds(payload: bytes) -> float | None:
+    """The length a RIFF/WAVE header's data chunk claims, in seconds, or None.
+
+    libsndfile sizes a WAV by the bytes actually present, so a header that
+    claims hours over a second of samples would pass unnoticed; a claim that
+    absurd marks a forged or broken file, and is refused before any reading.
+    Only the chunk headers are walked: nothing is decoded or allocated.
+    """
+    if len(payload) < 12 or payload[:4] != b"RIFF" or payload[8:12] != b"WAVE":
+        return None
+    byte_rate = None
+    offset = 12
+    while offset + 8 <= len(payload):
+        chunk_id = payload[offset:offset + 4]
+        size = int.from_bytes(payload[offset + 4:offset + 8], "little")
+        if chunk_id == b"fmt " and offset + 20 <= len(payload):
+            byte_rate = int.from_bytes(payload[offset + 16:offset + 20], "little")
+        elif chunk_id == b"data":
+            # 0 and 0xFFFFFFFF are what streaming writers put when the length is unknown.
+            if byte_rate and 0 < size < 0xFFFFFFFF:
+                return size / byte_rate
+            return None
+        offset += 8 + size + (size & 1)
+    return None
 
 
 def _check_header(rate: int, channels: int, frames: int, max_seconds: float) -> None:
