@@ -62,4 +62,10 @@ class IdentClient:
 
     def model_status(self, timeout: float = 2.0) -> list[dict]:
         """Every pool process of every worker: [{worker name: {"processes": [...]}}]."""
-        return self.app.control.broadcast(contract.MODEL_STATUS_COMMAND, reply=True, timeout=timeout)
+        with self.app.connection_for_read() as connection:
+            connection_errors = connection.connection_errors
+        try:
+            return self.app.control.broadcast(contract.MODEL_STATUS_COMMAND, reply=True, timeout=timeout)
+        except connection_errors:
+            # A connection pooled before a Redis restart fails once; the retry reconnects.
+            return self.app.control.broadcast(contract.MODEL_STATUS_COMMAND, reply=True, timeout=timeout)
