@@ -10,6 +10,8 @@ numbers move with whatever else the machine is doing.
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
 import multiprocessing
 import os
@@ -200,19 +202,25 @@ def redis_bytes_in() -> int:
 _baseline_runtime = None
 
 
-def _baseline_init(kind: str, threads: int, index: int) -> None:
+def _baseline_process_init(kind: str, threads: int, counter, warm_up: list[bytes]) -> None:
+    """Build the worker's own runtime, on plain ORT sessions, and warm it as the fleet was."""
     global _baseline_runtime
     import dataclasses
 
     from tasks.settings import load_settings
     from workers.bootstrap import WorkerRuntime
 
-    if kind == "vision":
-        import workers.vision  # noqa: F401 -- registers the vision pipeline
-    else:
-        import workers.audio  # noqa: F401 -- registers the audio pipeline
+    importlib.import_module(f"workers.{kind}")  # registers the kind's pipeline
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
     settings = dataclasses.replace(load_settings(), cpu_threads=threads)
     _baseline_runtime = WorkerRuntime(kind, settings, index, 1)
+    for payload in warm_up:
+        _baseline_runtime.pipeline.analyze_many([payload], [None])
+    # As a worker's pool process does after loading (workers/bootstrap.py).
+    gc.collect()
+    gc.freeze()
 
 
 def _baseline_job(payloads: list[bytes]) -> float:
@@ -224,13 +232,6 @@ def _baseline_ready(_) -> int:
     return os.getpid()
 
 
-def _baseline_process_init(kind: str, threads: int, counter) -> None:
-    with counter.get_lock():
-        index = counter.value
-        counter.value += 1
-    _baseline_init(kind, threads, index)
-
-
 def run_baseline(kind: str, inputs: list[tuple[str, bytes]], jobs: int, processes: int, threads: int,
                  batch: int = 1, progress=None) -> dict:
     context = multiprocessing.get_context("spawn")
@@ -238,7 +239,9 @@ def run_baseline(kind: str, inputs: list[tuple[str, bytes]], jobs: int, processe
     work = []
     for start in range(0, jobs, batch):
         work.append([inputs[i % len(inputs)][1] for i in range(start, min(start + batch, jobs))])
-    with context.Pool(processes, initializer=_baseline_process_init, initargs=(kind, threads, counter)) as pool:
+    warm_up = [payload for _name, payload in inputs[:2]]
+    with context.Pool(processes, initializer=_baseline_process_init,
+                      initargs=(kind, threads, counter, warm_up)) as pool:
         pool.map(_baseline_ready, range(processes * 4), chunksize=1)
         started = time.perf_counter()
         units = 0.0

@@ -4,14 +4,14 @@
 # JSON reports and charts to ${OUT:-bench-out}/. Usage: scripts/benchmarks.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench-out}
-mkdir -p "$OUT"
+OUT=$(mkdir -p "${OUT:-bench-out}" && cd "${OUT:-bench-out}" && pwd)
+
 PY=.venv/bin/python
 export IDENT_MODELS_DIR=${IDENT_MODELS_DIR:-$(cd ../shared/models && pwd)}
 PORT=$($PY -c 'from ident.fleet import free_port; print(free_port())')
 export IDENT_REDIS_URL=redis://127.0.0.1:$PORT/0
 .venv/bin/redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
-  --pidfile "$PWD/$OUT/redis.pid" --logfile "$PWD/$OUT/redis.log"
+  --pidfile "$OUT/redis.pid" --logfile "$OUT/redis.log"
 worker_pid=""
 stop_worker() { if [ -n "$worker_pid" ]; then kill -TERM "$worker_pid" 2>/dev/null; wait "$worker_pid" 2>/dev/null || true; worker_pid=""; fi; }
 cleanup() { stop_worker; kill "$(cat "$OUT/redis.pid")" 2>/dev/null || true; }
