@@ -28,6 +28,17 @@ def data_dir() -> Path:
     return Path(os.environ.get("IDENT_DATA_DIR", shared_dir() / "data")).resolve()
 
 
+def driver_present() -> bool:
+    """Whether an NVIDIA driver can be loaded here (tests of the CPU fallback skip where it can)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def models_path() -> Path:
     path = models_dir()
@@ -53,6 +64,21 @@ def labels(data_path: Path) -> dict:
 def labelled_files(labels: dict) -> dict[str, dict]:
     """labels.json's file entries keyed by their path relative to the data folder."""
     return {entry["path"]: entry for entry in labels["files"]}
+
+
+@pytest.fixture(scope="session")
+def worker_parts(models_path: Path, cpu_session_factory):
+    """(sessions, specs, settings) of a worker kind, on plain CPU sessions: what a pipeline is built from."""
+    from models.catalog import selected_models
+    from tasks.settings import Settings
+
+    settings = Settings(models_dir=models_path)
+
+    def parts(kind: str):
+        specs = selected_models(settings, kind)
+        return {role: cpu_session_factory(spec.filename) for role, spec in specs.items()}, specs, settings
+
+    return parts
 
 
 @pytest.fixture(scope="session")

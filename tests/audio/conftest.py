@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from models.catalog import selected_models
 from tasks.settings import Settings
 from tests.audio.helpers import REPORT
 
@@ -27,18 +26,23 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 
 @pytest.fixture(scope="session")
-def audio_settings(models_path: Path) -> Settings:
-    return Settings(models_dir=models_path)
+def audio_parts(worker_parts):
+    return worker_parts("audio")
 
 
 @pytest.fixture(scope="session")
-def audio_specs(audio_settings: Settings) -> dict:
-    return selected_models(audio_settings, "audio")
+def audio_sessions(audio_parts) -> dict:
+    return audio_parts[0]
 
 
 @pytest.fixture(scope="session")
-def audio_sessions(audio_specs: dict, cpu_session_factory) -> dict:
-    return {role: cpu_session_factory(spec.filename) for role, spec in audio_specs.items()}
+def audio_specs(audio_parts) -> dict:
+    return audio_parts[1]
+
+
+@pytest.fixture(scope="session")
+def audio_settings(audio_parts) -> Settings:
+    return audio_parts[2]
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import subprocess
 import sys
@@ -10,15 +9,10 @@ import textwrap
 
 import pytest
 
+from tests.conftest import driver_present
+
 pytestmark = pytest.mark.integration
 
-
-def _driver_present() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
 
 
 @pytest.mark.parametrize("kind", ["vision", "audio"])
@@ -30,7 +24,7 @@ def test_get_status_answers_from_its_own_queue(fleet, client, kind):
     assert status["models"], "every model of the worker is listed"
     for model in status["models"].values():
         assert model["provider"] and len(model["sha256"]) == 64 and model["file"].endswith(".onnx")
-    if not _driver_present():
+    if not driver_present():
         # The real fallback on this GPU-less host: the message names the library.
         assert status["device"] == "CPU"
         assert "libcuda.so.1" in status["message"]
@@ -104,7 +98,7 @@ def test_a_client_that_imports_nothing_from_the_repo(fleet, fleet_env, tmp_path)
     ],
 )
 def test_a_worker_that_cannot_serve_refuses_to_start(fleet_env, env, expected):
-    if "IDENT_DEVICE" in env and env["IDENT_DEVICE"] == "cuda" and _driver_present():
+    if "IDENT_DEVICE" in env and env["IDENT_DEVICE"] == "cuda" and driver_present():
         pytest.skip("this host has CUDA")
     command = [sys.executable, "-m", "celery", "-A", "workers.vision", "worker", "-Q", "vision", "-c", "1",
                "-n", "refuses@itest"]

@@ -6,13 +6,13 @@ dlopen prints, the versions what cuDriverGetVersion returns (12040 = 12.4).
 
 from __future__ import annotations
 
-import ctypes
 
 import pytest
 
 from models.cuda import CPU_EP, CUDA_EP, CudaFacts, explain_cpu_fallback, format_cuda_version, probe_cuda
 from models.runtime import plan_device
 from tasks.errors import DeviceUnavailable
+from tests.conftest import driver_present
 
 GPU_PROVIDERS = ["TensorrtExecutionProvider", CUDA_EP, CPU_EP]
 NO_FILE = "cannot open shared object file: No such file or directory"
@@ -106,15 +106,8 @@ def test_auto_falls_back_and_cpu_needs_no_probe():
     assert cuda_plan.providers[0] == (CUDA_EP, {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"})
 
 
-def _driver_present() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
 
-
-@pytest.mark.skipif(_driver_present(), reason="this host has an NVIDIA driver; the GPU tests cover it")
+@pytest.mark.skipif(driver_present(), reason="this host has an NVIDIA driver; the GPU tests cover it")
 def test_real_probe_on_this_gpu_less_host_names_the_missing_libraries():
     facts = probe_cuda()
     reason = explain_cpu_fallback(facts)

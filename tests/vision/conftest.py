@@ -17,25 +17,30 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from models.catalog import get_spec, selected_models  # noqa: E402
+from models.catalog import get_spec  # noqa: E402
 from tasks.settings import Settings  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 @pytest.fixture(scope="session")
-def vision_settings(models_path: Path) -> Settings:
-    return Settings(models_dir=models_path)
+def vision_parts(worker_parts):
+    return worker_parts("vision")
 
 
 @pytest.fixture(scope="session")
-def vision_specs(vision_settings: Settings) -> dict:
-    return selected_models(vision_settings, "vision")
+def vision_sessions(vision_parts) -> dict:
+    return vision_parts[0]
 
 
 @pytest.fixture(scope="session")
-def vision_sessions(vision_specs: dict, cpu_session_factory) -> dict:
-    return {role: cpu_session_factory(spec.filename) for role, spec in vision_specs.items()}
+def vision_specs(vision_parts) -> dict:
+    return vision_parts[1]
+
+
+@pytest.fixture(scope="session")
+def vision_settings(vision_parts) -> Settings:
+    return vision_parts[2]
 
 
 @pytest.fixture(scope="session")
