@@ -65,7 +65,7 @@ def celery_config(settings: Settings) -> dict:
         "worker_proc_alive_timeout": settings.process_init_timeout,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
-    tls = _tls_options(settings.redis_url)
+    tls = _tls_options(settings.redis_url, settings.redis_tls_ca_certs)
     if tls:
         config["broker_use_ssl"] = tls
         config["redis_backend_use_ssl"] = tls
@@ -77,7 +77,7 @@ def restore_interval(visibility_timeout: int) -> int:
     return max(1, min(10, visibility_timeout // 10))
 
 
-def _tls_options(url: str) -> dict | None:
+def _tls_options(url: str, ca_certs: str = "") -> dict | None:
     """rediss:// URLs verify the server certificate unless the URL says otherwise."""
     parsed = urlparse(url)
     if parsed.scheme != "rediss":
@@ -85,7 +85,10 @@ def _tls_options(url: str) -> dict | None:
     query = parse_qs(parsed.query)
     if "ssl_cert_reqs" in query:
         return None
-    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    options = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if ca_certs:
+        options["ssl_ca_certs"] = ca_certs
+    return options
 
 
 def make_app(main: str = "identification", settings: Settings | None = None) -> Celery:

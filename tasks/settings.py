@@ -47,6 +47,9 @@ class Settings:
 
     # Broker and result backend share one Redis.
     redis_url: str = DEFAULT_REDIS_URL
+    # CA bundle that signs the Redis server's certificate, for rediss:// URLs
+    # (empty: the system's trust store).
+    redis_tls_ca_certs: str = ""
     # One hour: long enough for a producer that polls lazily, short enough that
     # embeddings (biometric data) do not linger in Redis.
     result_expires: int = 3600
@@ -101,6 +104,7 @@ class Settings:
         env = os.environ if environ is None else environ
         parsers = {
             "redis_url": str,
+            "redis_tls_ca_certs": str,
             "result_expires": int,
             "visibility_timeout": int,
             "models_dir": lambda v: Path(v).expanduser(),

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import struct
 import subprocess
 import threading
@@ -31,8 +32,10 @@ from celery import Celery
 from kombu import Connection, Producer
 from kombu.pidbox import Mailbox
 
-from ident.fleet import EmbeddedRedis, redis_server_binary
+from ident.fleet import EmbeddedRedis, free_port, redis_server_binary, start_worker, wait_until_ready
 from tasks import contract
+from tasks.client import IdentClient
+from tasks.settings import Settings
 from tests.conftest import REPO_ROOT
 from tests.integration.fleetkit import Fleet, children_rss, make_env, outcome, slow_image, wait_for
 
@@ -437,20 +440,83 @@ def test_redis_with_a_password(models_path, tmp_path_factory, data_path):
         redis.cleanup()
 
 
-def redis_server_has_tls() -> bool:
-    probe = subprocess.run([redis_server_binary(), "--port", "0", "--tls-port", "0", "--test-memory", "0"],
-                           capture_output=True, text=True, timeout=10)
-    return "Bad directive" not in probe.stdout + probe.stderr
+def tls_redis_server() -> str | None:
+    """A redis-server built with TLS: the bundled one, else one on PATH (Debian's is)."""
+    for binary in (redis_server_binary(), shutil.which("redis-server")):
+        if not binary:
+            continue
+        # With TLS built in, this exits on the missing certificate; without, on the directive.
+        try:
+            probe = subprocess.run([binary, "--port", "0", "--tls-port", "0", "--tls-cert-file", "/nonexistent"],
+                                   capture_output=True, text=True, timeout=10)
+        except subprocess.TimeoutExpired:
+            continue
+        if "Bad directive" not in probe.stdout + probe.stderr:
+            return binary
+    return None
 
 
-def test_rediss_with_a_verified_certificate():
-    if not redis_server_has_tls():
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it."""
+    ca_key, ca_cert = folder / "ca.key", folder / "ca.pem"
+    key, request, cert = folder / "server.key", folder / "server.csr", folder / "server.pem"
+    extensions = folder / "san.cnf"
+    extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    steps = [
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca_cert,
+         "-days", "1", "-subj", "/CN=identification test CA"],
+        ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1"],
+        ["openssl", "x509", "-req", "-in", request, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "1", "-extfile", extensions],
+    ]
+    for step in steps:
+        subprocess.run([str(part) for part in step], check=True, capture_output=True, timeout=60)
+    return ca_cert, cert, key
+
+
+def test_rediss_with_a_verified_certificate(models_path, tmp_path_factory):
+    binary = tls_redis_server()
+    if binary is None or not shutil.which("openssl"):
         pytest.skip(
-            f"{redis_server_binary()} is built without TLS (`--tls-port` is a bad directive), so no "
-            "real rediss:// server can be started here; the rediss:// configuration (certificate "
-            "verification on) is covered by tests/unit/test_contract.py::test_tls_urls_verify_certificates"
+            "no redis-server built with TLS (the bundled one is not; Debian's `redis-server` package is) "
+            "or no openssl here; the rediss:// settings are covered by "
+            "tests/unit/test_contract.py::test_tls_urls_verify_certificates"
         )
-    pytest.skip("a TLS-capable redis-server was found, but the TLS fleet test is not written yet")
+    folder = tmp_path_factory.mktemp("tls")
+    ca_cert, cert, key = make_certificates(folder)
+    port = free_port()
+    server = subprocess.Popen(
+        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-cert-file", str(cert),
+         "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca_cert), "--tls-auth-clients", "no",
+         "--save", "", "--appendonly", "no", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"rediss://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                redis_py.Redis.from_url(url, ssl_ca_certs=str(ca_cert), ssl_cert_reqs="required").ping()
+                break
+            except redis_py.ConnectionError:
+                time.sleep(0.1)
+        # Without the CA the server's certificate is refused, not silently trusted.
+        with pytest.raises(redis_py.ConnectionError, match="certificate verify failed"):
+            redis_py.Redis.from_url(url, ssl_cert_reqs="required").ping()
+        env = {key: value for key, value in os.environ.items() if not key.startswith("IDENT_")}
+        env.update(IDENT_REDIS_URL=url, IDENT_REDIS_TLS_CA_CERTS=str(ca_cert), IDENT_MODELS_DIR=str(models_path))
+        client = IdentClient(Settings.from_env(env))
+        worker = start_worker("vision", env, concurrency=1, name="tls@itest",
+                              log_dir=tmp_path_factory.mktemp("tls-logs"))
+        try:
+            wait_until_ready(client.app, [worker], timeout=180)
+            status = client.status("vision").get(timeout=60)
+            assert status["queue"] == "vision" and status["hostname"] == "tls@itest"
+        finally:
+            worker.stop()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def test_results_and_payloads_expire(guarded, data_path):

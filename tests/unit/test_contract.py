@@ -35,6 +35,11 @@ def test_tls_urls_verify_certificates():
     config = celery_config(Settings.from_env({"IDENT_REDIS_URL": "rediss://:pw@redis.example:6380/0"}))
     assert config["broker_use_ssl"]["ssl_cert_reqs"] == ssl.CERT_REQUIRED
     assert config["redis_backend_use_ssl"]["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+    assert "ssl_ca_certs" not in config["broker_use_ssl"], "the system trust store by default"
+    with_ca = celery_config(Settings.from_env({"IDENT_REDIS_URL": "rediss://redis.example:6380/0",
+                                               "IDENT_REDIS_TLS_CA_CERTS": "/etc/ident/ca.pem"}))
+    assert with_ca["broker_use_ssl"]["ssl_ca_certs"] == with_ca["redis_backend_use_ssl"]["ssl_ca_certs"] == "/etc/ident/ca.pem"
+    assert "broker_use_ssl" not in celery_config(Settings.from_env({})), "plain redis:// uses no TLS"
 
 
 def test_producer_side_imports_nothing_heavy():
