@@ -137,7 +137,10 @@ class ModelSession:
         self.runs += 1
         # ORT may drop an execution provider after a failure at run time; the
         # provider reported with a result must be the one that produced it.
-        self.provider = self._session.get_providers()[0]
+        provider = self._session.get_providers()[0]
+        if provider != self.provider and self.provider == CUDA_EP:
+            self.cpu_reason = f"ONNX Runtime dropped the CUDA execution provider at run time (now {provider})"
+        self.provider = provider
         return outputs
 
     def get_inputs(self):

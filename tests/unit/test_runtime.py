@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -56,3 +58,29 @@ def test_warmup_feed_follows_the_catalog_shapes(models_path):
     feed = warmup_feed(session)
     assert feed["input"].shape == (1, 576) and feed["state"].shape == (2, 1, 128)
     assert feed["sr"].dtype == np.int64 and int(feed["sr"]) == 16000
+
+
+class _SessionThatFallsBack:
+    """Stands in for an ORT session whose CUDA EP fails at run time (no GPU exists here)."""
+
+    def __init__(self):
+        self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def get_providers(self):
+        return list(self.providers)
+
+    def run(self, output_names, feed):
+        self.providers = ["CPUExecutionProvider"]
+        return [np.zeros(1, np.float32)]
+
+
+def test_a_fallback_at_run_time_is_read_back_and_explained():
+    from models.runtime import ModelSession
+
+    session = ModelSession(CATALOG["arcface_mobilefacenet"], Path("arcface.onnx"), "0" * 64,
+                           _SessionThatFallsBack(), threads=1, device_id=0, cpu_reason=None)
+    assert session.provider == "CUDAExecutionProvider" and session.device_id == 0
+    session.run(None, {})
+    status = session.status()
+    assert status["provider"] == CPU_EP and status["device"] == "CPU" and status["device_id"] is None
+    assert "at run time" in status["message"]
