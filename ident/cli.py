@@ -278,6 +278,17 @@ def demo_samples() -> list[tuple[str, Path]]:
     return [(kind, path) for kind, path in samples if path.is_file()]
 
 
+def _demo_answer(kind: str, result: dict) -> str:
+    if kind == "vision":
+        lives = ", ".join("live" if f["liveness"]["is_live"] else "spoof" for f in result["faces"])
+        return f"{len(result['faces'])} face(s): {lives}" if result["faces"] else "no face"
+    if not result["speech_segments"]:
+        return "no speech"
+    spoof = result["spoof"]
+    verdict = "bona fide" if spoof["is_bonafide"] else "spoof"
+    return f"{len(result['speech_segments'])} speech segment(s), {verdict} ({spoof['score']:.2f})"
+
+
 def cmd_demo(args) -> int:
     runner = LocalFleetRunner(args)
     try:
@@ -289,11 +300,17 @@ def cmd_demo(args) -> int:
                           f"execution_provider={status['execution_provider']}")
             if status.get("message"):
                 console.print(f"  why not CUDA: {status['message']}")
+        summary = Table(title="sample jobs")
+        for column in ("job", "file", "answer", "execution_provider", "ms"):
+            summary.add_column(column)
         for kind, path in demo_samples():
             started = time.perf_counter()
             result = client.analyze(kind, path.read_bytes()).get(timeout=120)
-            console.rule(f"{kind}.analyze {path.name} ({(time.perf_counter() - started) * 1000:.0f} ms)")
+            elapsed = f"{(time.perf_counter() - started) * 1000:.0f}"
+            console.rule(f"{kind}.analyze {path.name} ({elapsed} ms)")
             print_json(elide(result))
+            summary.add_row(f"{kind}.analyze", path.name, _demo_answer(kind, result), result["execution_provider"], elapsed)
+        console.print(summary)
     finally:
         runner.stop()
     return 0
