@@ -96,8 +96,9 @@ def cmd_models(args) -> int:
                 progress.update(task, completed=done, total=total)
 
             try:
-                fetch_one(spec, settings.models_dir, args.source, report, force=args.force)
-                progress.update(task, description=f"[green]{spec.filename}")
+                path = fetch_one(spec, settings.models_dir, args.source, report, force=args.force)
+                size = path.stat().st_size
+                progress.update(task, description=f"[green]{spec.filename}", completed=size, total=size)
             except IdentError as exc:
                 failures += 1
                 progress.update(task, description=f"[red]{spec.filename}")
