@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from billiard.exceptions import WorkerLostError
 from celery import signals
 from celery.utils.imports import symbol_by_name
 from celery.worker.request import create_request_cls
@@ -71,11 +72,25 @@ def batching_strategy(task, app, consumer, **kwargs):
                 task_ready(request)
 
         def on_error(exc_info):
-            # The pool process died or was killed mid-batch: put every job of
-            # the batch back at once so that another process runs it.
-            log.warning("a batch of %d %s jobs lost its pool process; requeueing them", len(requests), task.name)
+            # billiard hands over an ExceptionInfo or an ExceptionWithTraceback.
+            exception = getattr(exc_info, "exception", exc_info)
+            exception = getattr(exception, "exc", exception)
+            if isinstance(exception, WorkerLostError):
+                # The pool process died or was killed mid-batch: put every job
+                # back at once so that another process runs it (each delivery is
+                # counted, so a batch that kills its process every time ends).
+                log.warning("a batch of %d %s jobs lost its pool process; requeueing them",
+                            len(requests), task.name)
+                for request in requests:
+                    request.reject(requeue=True)
+                    task_ready(request)
+                return
+            # A time limit or another failure of the batch as a whole: every
+            # job of it fails with that error, as a single job would.
+            log.error("a batch of %d %s jobs failed: %s", len(requests), task.name, type(exception).__name__)
             for request in requests:
-                request.reject(requeue=True)
+                task.backend.mark_as_failure(request.id, exception)
+                request.acknowledge()
                 task_ready(request)
 
         consumer.pool.apply_async(

@@ -44,3 +44,23 @@ def test_jobs_are_batched_and_fail_alone(batching_worker, client, data_path):
     assert len(set(starts)) < len(starts)
     log = batching_worker.log_path.read_text()
     assert "vision.analyze batch of" in log
+
+
+def test_a_batch_whose_process_dies_is_requeued_and_finished(batching_worker, client):
+    import os
+    import signal
+    import time
+
+    from tests.integration.fleetkit import slow_image
+
+    photo = slow_image(tiles=5)
+    pending = [client.analyze_image(photo) for _ in range(4)]
+    time.sleep(1.0)  # the batch is collected within 50 ms and runs for several seconds
+    replies = client.app.control.broadcast("model_status", reply=True, timeout=3, limit=1,
+                                           destination=["vision-batch@itest"])
+    pids = [p["pid"] for reply in replies for body in reply.values() for p in body["processes"]]
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)
+    answers = [p.get(timeout=180) for p in pending]
+    assert all(a["faces"] for a in answers)
+    assert {a["worker"]["pid"] for a in answers} != {pids[0]}, "another process finished the batch"
