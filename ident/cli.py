@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -60,9 +61,12 @@ def print_json(value) -> None:
 
 
 def make_client():
+    """A producer client on a Redis that answers; main() turns a refusal into a plain message."""
     from tasks.client import IdentClient
 
-    return IdentClient()
+    client = IdentClient()
+    client.app.backend.client.ping()
+    return client
 
 
 # --- models ----------------------------------------------------------------------
@@ -375,10 +379,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     try:
         return args.func(args)
     except IdentError as exc:
         err_console.print(f"[red]{type(exc).__name__}:[/] {exc}")
+        return 2
+    except (OperationalError, RedisConnectionError) as exc:
+        from tasks.settings import load_settings
+
+        url = re.sub(r"//([^@/]*)@", "//**@", load_settings().redis_url)
+        err_console.print(f"[red]cannot reach Redis at {url}:[/] {exc}\n"
+                          "Is the fleet running? Set IDENT_REDIS_URL to its Redis, or start one with `ident up`.")
         return 2
 
 

@@ -73,7 +73,7 @@ def test_every_labelled_span_found_and_gaps_silent(analyses, labelled_files):
 def test_annotated_speechbrain_sample(analyses, labelled_files):
     path = "audio/vad/speechbrain_vad_valid.wav"
     labels = labelled_files[path]["labels"]
-    truth, (lo, hi) = labels["speech_segments_truth"], labels["truth_annotated_range"]
+    truth, (_, hi) = labels["speech_segments_truth"], labels["truth_annotated_range"]
     found = [(s["start_s"], s["end_s"]) for s in analyses[path]["speech_segments"]]
     for start, end in truth:
         assert any(s < end and e > start for s, e in found)

@@ -57,3 +57,17 @@ def test_dead_workers_jobs_are_swept_soon_after_the_visibility_timeout():
         options = celery_config(Settings.from_env({"IDENT_VISIBILITY_TIMEOUT": str(timeout)}))["broker_transport_options"]
         assert options["unacked_restore_interval"] == interval
         assert options["unacked_restore_throttle"] == 1
+
+
+def test_cli_without_redis_says_so_instead_of_a_traceback(tmp_path):
+    import os
+
+    photo = tmp_path / "x.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0 not much of a photo")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDENT_")}
+    env["IDENT_REDIS_URL"] = "redis://:secret@127.0.0.1:1/0"
+    completed = subprocess.run([sys.executable, "-m", "ident.cli", "submit", str(photo)], cwd=REPO_ROOT,
+                               env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2
+    assert "cannot reach Redis at redis://**@127.0.0.1:1/0" in completed.stderr
+    assert "Traceback" not in completed.stderr and "secret" not in completed.stderr
