@@ -256,28 +256,28 @@ class VisionPipeline:
             template = self.embedding_spec.params["template"]
             size = int(self.embedding_spec.params.get("input_size", (112, 112))[0])
             aligned = np.concatenate([align_faces(item.image, item.faces.landmarks, template, size) for item in wanted])
-            vectors = self.embedder.embed(aligned)
-            offset = 0
-            for item in wanted:
-                item.embeddings = vectors[offset : offset + len(item.faces)]
-                offset += len(item.faces)
+            for item, vectors in zip(wanted, _per_item(self.embedder.embed(aligned), wanted)):
+                item.embeddings = vectors
         embed_ms = _ms(t0) if wanted else 0.0
 
         t0 = time.perf_counter()
         wanted = [item for item in items if item.options.liveness and len(item.faces)]
         if wanted:
             pairs = [(item.image, box) for item in wanted for box in item.faces.boxes]
-            scores = self.liveness.score(pairs)
-            offset = 0
-            for item in wanted:
-                item.live = scores[offset : offset + len(item.faces)]
-                offset += len(item.faces)
+            for item, scores in zip(wanted, _per_item(self.liveness.score(pairs), wanted)):
+                item.live = scores
         live_ms = _ms(t0) if wanted else 0.0
 
         for item in items:
             item.timings["embed"] = embed_ms if item.embeddings is not None else 0.0
             item.timings["liveness"] = live_ms if item.live is not None else 0.0
         return slots
+
+
+def _per_item(rows: np.ndarray, items: Sequence[_Item]) -> list[np.ndarray]:
+    """Split one batch's rows (faces of all items, in order) back into each item's faces."""
+    bounds = np.cumsum([len(item.faces) for item in items])[:-1]
+    return np.split(rows, bounds)
 
 
 def _select(det: Detections, shape: tuple[int, ...], options: Options) -> tuple[Detections, np.ndarray]:
