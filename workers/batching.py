@@ -122,6 +122,8 @@ def batching_strategy(task, app, consumer, **kwargs):
 
 def run_batch(task_name: str, items: list[BatchItem]) -> int:
     """In a pool process: run the jobs of one batch and store each job's result."""
+    from workers.bootstrap import forget_unstored
+
     kind = task_name.split(".", 1)[0]
     app = importlib.import_module(f"workers.{kind}").app
     task = app.tasks[task_name]
@@ -132,6 +134,7 @@ def run_batch(task_name: str, items: list[BatchItem]) -> int:
             task.backend.mark_as_failure(item.task_id, outcome)
         else:
             task.backend.mark_as_done(item.task_id, outcome)
+        forget_unstored(task, item.task_id)
     log.info("%s batch of %d jobs done in %.1f ms", task_name, len(items), (time.perf_counter() - started) * 1000)
     return len(items)
 

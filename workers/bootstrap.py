@@ -45,6 +45,7 @@ from tasks.contract import (
 from tasks.errors import DeviceUnavailable, IdentError, InvalidInput, LimitExceeded, PoisonMessage
 from tasks.settings import Settings, load_settings
 from workers import logsafety
+from workers.jobkeys import RESULT_BACKEND, FleetResultBackend, count_and_fetch, fetch_payloads
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class WorkerIdentity:
 
 _identity = WorkerIdentity()
 _runtime: "WorkerRuntime | None" = None
+# The running jobs' payloads, fetched with their delivery count (see jobkeys).
+_fetched_payloads: dict = {}
 _pipeline_factories: dict[str, Callable[..., Any]] = {}
 
 
@@ -202,29 +205,33 @@ class FleetTask(Task):
         key = f"ident:deliveries:{task_id}"
         values = list(args) + list(kwargs.values())
         references = [v[PAYLOAD_REF_FIELD] for v in values if isinstance(v, dict) and PAYLOAD_REF_FIELD in v]
-        finished = [key, *[r for r in references if _is_payload_key(r)]]
+        references = [r for r in references if _is_payload_key(r)]
+        owned = [key, *references]
         ttl = max(settings.visibility_timeout, settings.task_time_limit) * (settings.max_deliveries + 1)
-
-        def count() -> int:
-            with client.pipeline() as pipe:
-                pipe.incr(key)
-                pipe.expire(key, ttl)
-                return pipe.execute()[0]
-
-        deliveries = through_redis_outage(count, f"count the deliveries of job {task_id}")
+        deliveries, fetched = through_redis_outage(
+            lambda: count_and_fetch(client, key, ttl, references, settings.max_payload_bytes),
+            f"count the deliveries of job {task_id}",
+        )
         if deliveries > settings.max_deliveries:
             # Given up for good: its payload (biometric data) goes too.
-            _forget(client, finished)
+            _forget(client, owned)
             raise PoisonMessage(
                 f"job {task_id} was delivered {deliveries} times and its worker process died "
                 f"each time (limit IDENT_MAX_DELIVERIES={settings.max_deliveries}); it is not run again"
             )
+        _fetched_payloads.update(fetched)
         try:
             yield
         finally:
             # Reached only when the job finished, well or badly; a process that
             # dies mid-job skips this, so a redelivery still finds its payload.
-            _forget(client, finished)
+            for reference in fetched:
+                _fetched_payloads.pop(reference, None)
+            backend = self.backend
+            if isinstance(backend, FleetResultBackend):
+                backend.delete_with_result(task_id, owned)
+            else:
+                _forget(client, owned)
 
     def payload(self, value: Any, name: str) -> bytes:
         """The job's payload as bytes.
@@ -238,15 +245,21 @@ class FleetTask(Task):
             reference = value[PAYLOAD_REF_FIELD]
             if not _is_payload_key(reference):
                 raise InvalidInput(f"{name}.{PAYLOAD_REF_FIELD} must be a Redis key starting with {PAYLOAD_KEY_PREFIX!r}")
-            client = self.app.backend.client
-            # Checked before the bytes are fetched: an oversized value never reaches the process.
-            size = through_redis_outage(lambda: client.strlen(reference), f"size {name}")
-            LimitExceeded.check(f"{name} size", size, settings.max_payload_bytes, "IDENT_MAX_PAYLOAD_BYTES", "bytes")
-            value = through_redis_outage(lambda: client.get(reference), f"fetch {name}")
-            if value is None:
+            found = _fetched_payloads.get(reference)
+            if found is None:  # not among the job's arguments that delivery() fetched
+                client = self.app.backend.client
+                found = through_redis_outage(
+                    lambda: fetch_payloads(client, [reference], settings.max_payload_bytes), f"fetch {name}"
+                )[reference]
+            if found.error is not None:
+                raise InvalidInput(f"{name} refers to {reference}, which does not hold bytes: {found.error}")
+            # Checked inside Redis: an oversized value never reaches the process.
+            LimitExceeded.check(f"{name} size", found.size, settings.max_payload_bytes, "IDENT_MAX_PAYLOAD_BYTES", "bytes")
+            if found.data is None:
                 raise InvalidInput(
                     f"{name} refers to {reference}, which is not in Redis: it expired or was never stored"
                 )
+            value = found.data
         return payload_bytes(value, name, settings)
 
 
@@ -407,6 +420,8 @@ def analyze_strategy() -> str:
 def make_worker_app(kind: str) -> Celery:
     settings = load_settings()
     app = make_app(f"workers.{kind}", settings)
+    # Celery names a backend class and its URL as CLASS+URL.
+    app.conf.result_backend = f"{RESULT_BACKEND}+{settings.redis_url}"
     app.conf.worker_hijack_root_logger = True
     if settings.max_batch > 1:
         # A batch can only fill from jobs the main process has already
@@ -490,15 +505,27 @@ def _on_process_init(**kwargs) -> None:
 
 @signals.task_postrun.connect
 def _after_job(state=None, **kwargs) -> None:
-    """Free a failed job's traceback at once.
+    """Delete the job's keys if its result was not stored, and free a failed job's traceback at once.
 
     Each failure leaves reference cycles behind (billiard's picklable copy of
     the traceback keeps every frame's code positions, ~200 KB a job) that the
     generational collector reaches only late: 300 bad inputs grew a pool
     process by 30 MB, plateauing 110 MB up. Collected here, memory stays flat.
     """
-    if _identity.kind is not None and state != "SUCCESS":
+    if _identity.kind is None:
+        return
+    forget_unstored(kwargs.get("task"), kwargs.get("task_id"))
+    if state != "SUCCESS":
         gc.collect()
+
+
+def forget_unstored(task, task_id: str | None) -> None:
+    """Delete a job's keys that were left waiting for a result that was never stored."""
+    backend = getattr(task, "backend", None)
+    if task_id and isinstance(backend, FleetResultBackend):
+        keys = backend.delete_now(task_id)
+        if keys:
+            _forget(backend.client, list(keys))
 
 
 @signals.worker_process_shutdown.connect

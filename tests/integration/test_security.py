@@ -127,6 +127,20 @@ def test_payload_over_the_byte_limit_is_refused_before_it_is_read(guarded, audio
         assert "IDENT_MAX_PAYLOAD_BYTES" in str(error) and ratio in str(error), str(error)
 
 
+def test_a_reference_to_a_missing_or_foreign_key_is_bad_input(guarded):
+    fleet = guarded
+    missing = f"{contract.PAYLOAD_KEY_PREFIX}never-stored"
+    foreign = f"{contract.PAYLOAD_KEY_PREFIX}a-list"
+    fleet.backend.rpush(foreign, b"not bytes")
+    jobs = [fleet.app.send_task(contract.VISION_ANALYZE, args=[{contract.PAYLOAD_REF_FIELD: ref}, None],
+                                queue="vision") for ref in (missing, foreign)]
+    answers = [outcome(job, timeout=60) for job in jobs]
+    assert [(ok, error_name(error)) for ok, error in answers] == [(False, "InvalidInput")] * 2
+    assert "not in Redis" in str(answers[0][1]) and "does not hold bytes" in str(answers[1][1])
+    # The job's keys go with its answer, a foreign one included.
+    assert not fleet.backend.exists(foreign)
+
+
 def test_image_pixel_limit_is_checked_from_the_header(guarded, data_path):
     fleet = guarded
     before = children_rss(fleet.workers[VISION])
