@@ -16,7 +16,6 @@ import json
 import multiprocessing
 import os
 import platform
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ EXTENSIONS = {
     "audio": {".wav", ".flac", ".mp3", ".ogg", ".opus"},
 }
 DATA_FOLDERS = {"vision": "images", "audio": "audio"}
+ANSWER_TIMEOUT_S = 300
 
 
 def default_inputs_dir(kind: str) -> Path:
@@ -68,10 +68,13 @@ class JobRecord:
     received_at: float
     worker_ms: float = 0.0
     units: float = 0.0
-    worker: tuple[str, int] | None = None
+    free_since: float = 0.0
     started_at: float = 0.0
     finished_at: float = 0.0
     error: str | None = None
+    dispatch_ms: float = 0.0
+    return_ms: float = 0.0
+    waiting_ms: float = 0.0
 
     @property
     def end_to_end_ms(self) -> float:
@@ -84,23 +87,17 @@ def split_overhead(records: list[JobRecord]) -> None:
     A job sent while every pool process is busy waits for one to free up; that
     wait measures the load, not the queue. What the queue itself costs is the
     gap between a process being free for the job and the job starting
-    (dispatch), plus the gap between the job ending and the result reaching the
-    producer (return). Timestamps come from the worker's result (same clock on
-    one machine).
+    (*dispatch*), plus the gap between the job ending and its result reaching
+    the producer (*return*). A process is free once it has reported its
+    previous job (``worker.free_since``): the reporting is that job's return,
+    not counted a second time as this one's dispatch. Timestamps come from the
+    worker's result (same clock on one machine).
     """
-    by_process: dict[tuple[str, int], list[JobRecord]] = {}
     for record in records:
-        if record.error is None and record.worker is not None:
-            by_process.setdefault(record.worker, []).append(record)
-    for jobs in by_process.values():
-        jobs.sort(key=lambda r: r.started_at)
-        free_at = float("-inf")
-        for record in jobs:
-            ready_at = max(record.sent_at, free_at)
-            record.dispatch_ms = max(0.0, (record.started_at - ready_at) * 1000.0)
-            record.return_ms = max(0.0, (record.received_at - record.finished_at) * 1000.0)
-            record.waiting_ms = max(0.0, (ready_at - record.sent_at) * 1000.0)
-            free_at = record.finished_at
+        ready_at = max(record.sent_at, record.free_since)
+        record.dispatch_ms = max(0.0, (record.started_at - ready_at) * 1000.0)
+        record.return_ms = max(0.0, (record.received_at - record.finished_at) * 1000.0)
+        record.waiting_ms = max(0.0, (ready_at - record.sent_at) * 1000.0)
 
 
 # --- the fleet -------------------------------------------------------------------
@@ -108,7 +105,12 @@ def split_overhead(records: list[JobRecord]) -> None:
 
 def run_fleet(kind: str, inputs: list[tuple[str, bytes]], jobs: int, concurrency: int, progress=None,
               by_reference: bool = True) -> dict:
-    """Keep ``concurrency`` jobs in flight; one producer connection per slot."""
+    """Keep ``concurrency`` jobs in flight from one producer.
+
+    One thread sends and collects everything, woken by each result as it is
+    published: a load generator with a thread per slot would time its own
+    threads queueing for the interpreter lock, not the fleet.
+    """
     import dataclasses
 
     from tasks.client import IdentClient
@@ -117,38 +119,42 @@ def run_fleet(kind: str, inputs: list[tuple[str, bytes]], jobs: int, concurrency
     settings = load_settings()
     if not by_reference:
         settings = dataclasses.replace(settings, payload_ref_bytes=1 << 62)
-    lock = threading.Lock()
-    next_job = iter(range(jobs))
+    client = IdentClient(settings)
+    results = client.app.backend.result_consumer
+    in_flight: dict[str, float] = {}
+    arrived: list = []
     records: list[JobRecord] = []
+    sent = 0
 
-    def slot() -> None:
-        client = IdentClient(settings)
-        while True:
-            with lock:
-                index = next(next_job, None)
-            if index is None:
-                return
-            payload = inputs[index % len(inputs)][1]
-            sent_at = time.time()
-            try:
-                result = client.analyze(kind, payload).get(timeout=300)
-                worker = result["worker"]
-                record = JobRecord(sent_at, time.time(), float(result["timings_ms"]["total"]),
-                                   units_of(kind, result), (worker["hostname"], worker["pid"]),
-                                   worker["started_at"], worker["finished_at"])
-            except Exception as exc:  # a job's own failure is part of the report
-                record = JobRecord(sent_at, time.time(), error=type(exc).__name__)
-            with lock:
-                records.append(record)
+    def send() -> None:
+        nonlocal sent
+        payload = inputs[sent % len(inputs)][1]
+        sent += 1
+        sent_at = time.time()
+        job = client.analyze(kind, payload)
+        in_flight[job.id] = sent_at
+        # Called from inside drain_events below, as the result is read.
+        job.then(lambda done: arrived.append((done, time.time())))
+
+    started = time.perf_counter()
+    last_answer = time.monotonic()
+    while sent < min(jobs, concurrency):
+        send()
+    while in_flight:
+        if time.monotonic() - last_answer > ANSWER_TIMEOUT_S:
+            raise IdentError(f"{len(in_flight)} {kind} jobs got no answer in {ANSWER_TIMEOUT_S} s: "
+                             "is the fleet still running?")
+        results.drain_events(timeout=1.0)
+        if arrived:
+            last_answer = time.monotonic()
+        while arrived:
+            job, received_at = arrived.pop()
+            sent_at = in_flight.pop(job.id)
+            if sent < jobs:
+                send()
+            records.append(job_record(kind, job, sent_at, received_at))
             if progress:
                 progress()
-
-    threads = [threading.Thread(target=slot, daemon=True) for _ in range(concurrency)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
     wall = time.perf_counter() - started
     ok = [r for r in records if r.error is None]
     split_overhead(ok)
@@ -165,6 +171,16 @@ def run_fleet(kind: str, inputs: list[tuple[str, bytes]], jobs: int, concurrency
         "errors": sorted({r.error for r in records if r.error}),
         "failed": len(records) - len(ok),
     }
+
+
+def job_record(kind: str, job, sent_at: float, received_at: float) -> JobRecord:
+    """A finished job's times; a job's own failure is part of the report, not the end of it."""
+    if not job.successful():
+        return JobRecord(sent_at, received_at, error=type(job.result).__name__)
+    result = job.result
+    worker = result["worker"]
+    return JobRecord(sent_at, received_at, float(result["timings_ms"]["total"]), units_of(kind, result),
+                     worker["free_since"], worker["started_at"], worker["finished_at"])
 
 
 def fleet_shape(kind: str, timeout: float = 3.0) -> dict:

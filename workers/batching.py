@@ -122,7 +122,7 @@ def batching_strategy(task, app, consumer, **kwargs):
 
 def run_batch(task_name: str, items: list[BatchItem]) -> int:
     """In a pool process: run the jobs of one batch and store each job's result."""
-    from workers.bootstrap import forget_unstored
+    from workers.bootstrap import current_runtime, forget_unstored
 
     kind = task_name.split(".", 1)[0]
     app = importlib.import_module(f"workers.{kind}").app
@@ -135,6 +135,7 @@ def run_batch(task_name: str, items: list[BatchItem]) -> int:
         else:
             task.backend.mark_as_done(item.task_id, outcome)
         forget_unstored(task, item.task_id)
+    current_runtime().free_since = time.time()
     log.info("%s batch of %d jobs done in %.1f ms", task_name, len(items), (time.perf_counter() - started) * 1000)
     return len(items)
 

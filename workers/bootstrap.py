@@ -96,6 +96,10 @@ class WorkerRuntime:
         self.load_ms = round((time.perf_counter() - started) * 1000.0, 1)
         self.jobs = 0
         self.job_started_at: float | None = None
+        # When this process last became free to take a job: ready, or done
+        # reporting its previous job (result stored). Lets ident bench tell
+        # the queue's cost from time spent behind another job.
+        self.free_since: float = time.time()
         self._published: str | None = None
 
     def providers(self) -> tuple[str, str, dict[str, str]]:
@@ -143,6 +147,7 @@ class WorkerRuntime:
         result["worker"] = {
             "hostname": _identity.hostname,
             "pid": self.pid,
+            "free_since": self.free_since,
             "started_at": self.job_started_at,
             "finished_at": time.time(),
         }
@@ -517,6 +522,7 @@ def _after_job(state=None, **kwargs) -> None:
     forget_unstored(kwargs.get("task"), kwargs.get("task_id"))
     if state != "SUCCESS":
         gc.collect()
+    current_runtime().free_since = time.time()
 
 
 def forget_unstored(task, task_id: str | None) -> None:

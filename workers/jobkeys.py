@@ -3,25 +3,24 @@
 Each job owns a delivery counter (``ident:deliveries:<id>``) and, when its
 payload travels by reference, the payload key. On a loaded worker every Redis
 round trip costs about a millisecond of the pool process's time between two
-jobs, so a job's keys cost two round trips, not five:
+jobs, so a job's Redis work costs two round trips, not six:
 
 - at the start, one pipeline counts the delivery and fetches every referenced
   payload, each size-checked inside Redis before its bytes are sent (a Lua
   script, so an oversized value never reaches the process);
-- at the end, the job's keys are deleted in the same transaction that stores
-  and publishes its result (``FleetResultBackend``), so the producer hears
-  of the result no later than before, and a result is never visible while
+- at the end, one script stores and publishes its result and deletes the
+  job's keys (``FleetResultBackend``), so a result is never visible while
   the payload lingers.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from celery.backends.redis import RedisBackend
+from celery.exceptions import BackendStoreError
+from kombu.utils.encoding import bytes_to_str
 
-log = logging.getLogger(__name__)
 
 RESULT_BACKEND = "workers.jobkeys:FleetResultBackend"
 
@@ -31,6 +30,28 @@ _GUARDED_GET = """
 local size = redis.call('STRLEN', KEYS[1])
 if size > tonumber(ARGV[1]) then return {size} end
 return {size, redis.call('GET', KEYS[1])}
+"""
+
+
+# Stores a job's result (KEYS[1]) unless it is already stored as SUCCESS,
+# publishes it to the producers waiting on it, and deletes the job's own keys
+# (KEYS[2..]). ARGV: the encoded result (msgpack or JSON) and its expiry in
+# seconds (0: none).
+_STORE_RESULT = """
+for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local ok, meta = pcall(cmsgpack.unpack, stored)
+  if not (ok and type(meta) == 'table') then ok, meta = pcall(cjson.decode, stored) end
+  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
 """
 
 
@@ -77,7 +98,13 @@ def _fetched(references: list[str], replies: list) -> dict[str, FetchedPayload]:
 
 
 class FleetResultBackend(RedisBackend):
-    """Celery's Redis result backend, deleting a job's keys with its result.
+    """Celery's Redis result backend, storing a result in one atomic round trip.
+
+    Celery stores a result in two round trips: a GET, so that a job already
+    stored as SUCCESS (by an earlier delivery) is not overwritten by a late
+    duplicate, then SET and PUBLISH. Here one Lua script does the check and
+    the writes at once, with no window between them, and deletes the job's
+    own keys in the same step.
 
     Only the worker apps use it (``IDENT_REDIS_URL`` behind a ``+``, Celery's
     way of naming a backend class with its URL); producers read results with
@@ -96,18 +123,18 @@ class FleetResultBackend(RedisBackend):
         """The keys still waiting for the job's result, which will not come: the caller deletes them."""
         return self._delete_with_result.pop(self.get_key_for_task(task_id), ())
 
-    def _set(self, key, value, expires=None):
-        # RedisBackend._set (SET and PUBLISH in one pipeline) with the job's
-        # DEL added; the pipeline is a transaction, so all of it or none lands.
-        # The keys are dropped only once it has run: a retried store deletes them too.
+    def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        key = self.get_key_for_task(task_id)
+        value = self.encode(meta)
+        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError("value too large for Redis backend", state=state, task_id=task_id)
         keys = self._delete_with_result.get(key, ())
-        if expires is None:
-            expires = self.expires
-        with self.client.pipeline() as pipe:
-            pipe.set(key, value, ex=expires or None)
-            pipe.publish(key, value)
-            if keys:
-                pipe.delete(*keys)
-            pipe.execute()
-        if keys:
-            self._delete_with_result.pop(key, None)
+        self.ensure(self._store_once, (key, value, keys))
+        # Dropped only once stored: a retried store deletes them too.
+        self._delete_with_result.pop(key, None)
+        return result
+
+    def _store_once(self, key: bytes, value, keys: tuple[str, ...]) -> None:
+        self.client.eval(_STORE_RESULT, 1 + len(keys), key, *keys, value, int(self.expires or 0))

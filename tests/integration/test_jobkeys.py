@@ -18,11 +18,13 @@ def db(redis_server):
     client.close()
 
 
-@pytest.fixture
-def backend(redis_server) -> FleetResultBackend:
+@pytest.fixture(params=["msgpack", "json"])
+def backend(request, redis_server) -> FleetResultBackend:
     app = Celery("jobkeys-test", set_as_current=False)
     app.conf.result_backend = f"{RESULT_BACKEND}+{redis_server.url}"
-    app.conf.result_serializer = "json"
+    app.conf.result_serializer = request.param
+    app.conf.result_accept_content = ["msgpack", "json"]
+    app.conf.result_expires = 600
     assert isinstance(app.backend, FleetResultBackend)
     return app.backend
 
@@ -62,10 +64,25 @@ def test_a_result_is_stored_and_the_job_keys_deleted_together(db, backend, redis
 
     assert db.exists(*owned) == 0
     assert backend.delete_now(job_id) == ()
+    assert 0 < db.ttl(f"celery-task-meta-{job_id}") <= 600
     # A producer with the stock backend reads the result as usual.
     producer = Celery("producer", set_as_current=False, backend=redis_server.url)
-    producer.conf.result_serializer = "json"
+    producer.conf.result_serializer = backend.app.conf.result_serializer
+    producer.conf.result_accept_content = ["msgpack", "json"]
     assert producer.AsyncResult(job_id).get(timeout=5) == {"faces": []}
+
+
+def test_a_success_is_never_overwritten_by_a_late_duplicate(backend):
+    job_id = str(uuid.uuid4())
+    backend.mark_as_done(job_id, {"faces": [1]})
+    backend.mark_as_failure(job_id, RuntimeError("a duplicate delivery failed later"))
+    assert backend.get_task_meta(job_id)["status"] == "SUCCESS"
+    assert backend.get_task_meta(job_id)["result"] == {"faces": [1]}
+    # A failure, on the other hand, is replaced by a later success.
+    other = str(uuid.uuid4())
+    backend.mark_as_failure(other, RuntimeError("first delivery failed"))
+    backend.mark_as_done(other, {"faces": []})
+    assert backend.get_task_meta(other)["status"] == "SUCCESS"
 
 
 def test_keys_of_a_result_never_stored_are_handed_back(db, backend):
@@ -76,26 +93,25 @@ def test_keys_of_a_result_never_stored_are_handed_back(db, backend):
     assert backend.delete_now(job_id) == ()
 
 
-def test_a_failed_store_keeps_the_keys_for_the_retry(db, backend, monkeypatch):
+def test_a_store_retried_through_a_redis_outage_still_deletes_the_keys(db, backend, monkeypatch):
     job_id = str(uuid.uuid4())
     owned = [key("payload")]
     db.set(owned[0], b"1")
     backend.delete_with_result(job_id, owned)
-    execute = redis.client.Pipeline.execute
+    evaluate = redis.Redis.eval
     calls = []
 
-    def restarting_redis(pipe, *args, **kwargs):
+    def restarting_redis(client, *args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise redis.ConnectionError("Redis is restarting")
-        return execute(pipe, *args, **kwargs)
+        return evaluate(client, *args, **kwargs)
 
-    monkeypatch.setattr(redis.client.Pipeline, "execute", restarting_redis)
+    monkeypatch.setattr(redis.Redis, "eval", restarting_redis)
 
-    with pytest.raises(redis.ConnectionError):
-        backend._set(backend.get_key_for_task(job_id), b"{}")
-    assert db.exists(*owned) == 1
-    backend._set(backend.get_key_for_task(job_id), b"{}")
+    backend.mark_as_done(job_id, {"faces": []})
 
+    assert len(calls) == 2
     assert db.exists(*owned) == 0
+    assert backend.get_task_meta(job_id)["status"] == "SUCCESS"
     assert backend.delete_now(job_id) == ()
