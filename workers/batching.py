@@ -25,6 +25,8 @@ from celery.utils.imports import symbol_by_name
 from celery.worker.request import create_request_cls
 from celery.worker.state import task_accepted, task_ready, task_reserved
 
+from workers.bootstrap import current_runtime, forget_unstored
+
 log = logging.getLogger(__name__)
 
 BATCH_STRATEGY = "workers.batching:batching_strategy"
@@ -122,8 +124,6 @@ def batching_strategy(task, app, consumer, **kwargs):
 
 def run_batch(task_name: str, items: list[BatchItem]) -> int:
     """In a pool process: run the jobs of one batch and store each job's result."""
-    from workers.bootstrap import current_runtime, forget_unstored
-
     kind = task_name.split(".", 1)[0]
     app = importlib.import_module(f"workers.{kind}").app
     task = app.tasks[task_name]

@@ -265,15 +265,7 @@ def test_ldconfig_maps_sonames_to_paths():
 
 
 def test_library_sonames_follow_the_build_cuda_major():
-    assert [lib.soname for lib in doctor.cuda_library_sonames("13.0")] == [
-        "libcuda.so.1",
-        "libcudart.so.13",
-        "libcublas.so.13",
-        "libcublasLt.so.13",
-        "libcurand.so.10",
-        "libcudnn.so.9",
-        "libcufft.so.12",
-    ]
+    assert [lib.soname for lib in doctor.cuda_library_sonames("13.0")] == list(CUDA13_LIBS)
     assert "libcublasLt.so.12" in [lib.soname for lib in doctor.cuda_library_sonames("12.8")]
     assert doctor.cuda_library_sonames("") == []
 
