@@ -10,6 +10,10 @@ from kombu import Queue
 
 from tasks.contract import AUDIO_QUEUE, QUEUES, VISION_QUEUE
 from tasks.settings import Settings, load_settings
+from tasks.transport import install as install_redis_transport
+
+# kombu's Redis transport minus a client object built per command (see tasks/transport.py).
+install_redis_transport()
 
 
 def celery_config(settings: Settings) -> dict:
@@ -27,9 +31,9 @@ def celery_config(settings: Settings) -> dict:
         # died is put back: a crash never loses a job.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # One job at a time per process, so a long job never holds a queue of
-        # others hostage while idle processes wait.
-        "worker_prefetch_multiplier": 1,
+        # Each pool process has its next job waiting in the worker (see
+        # IDENT_PREFETCH_MULTIPLIER); workers batching jobs hold a batch each.
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
         "task_queues": tuple(Queue(name, routing_key=name) for name in QUEUES),
         "task_default_queue": VISION_QUEUE,
         "task_routes": {

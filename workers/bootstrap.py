@@ -431,7 +431,7 @@ def make_worker_app(kind: str) -> Celery:
     if settings.max_batch > 1:
         # A batch can only fill from jobs the main process has already
         # received; each pool process may have a full batch waiting.
-        app.conf.worker_prefetch_multiplier = settings.max_batch
+        app.conf.worker_prefetch_multiplier = max(settings.max_batch, settings.prefetch_multiplier)
     app._ident_kind = kind  # noqa: SLF001 -- lets the signal handlers tell our apps apart
     return app
 

@@ -37,13 +37,21 @@ return {size, redis.call('GET', KEYS[1])}
 # publishes it to the producers waiting on it, and deletes the job's own keys
 # (KEYS[2..]). ARGV: the encoded result (msgpack or JSON) and its expiry in
 # seconds (0: none).
+#
+# A duplicate delivery of a job already stored as SUCCESS publishes the stored
+# result again: Celery's producer, reconnecting after a Redis restart, reads
+# the results stored so far and only then subscribes, so a result stored in
+# between reached nobody. Producers ignore a result they already have.
 _STORE_RESULT = """
 for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
 local stored = redis.call('GET', KEYS[1])
 if stored then
   local ok, meta = pcall(cmsgpack.unpack, stored)
   if not (ok and type(meta) == 'table') then ok, meta = pcall(cjson.decode, stored) end
-  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
+  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
+    redis.call('PUBLISH', KEYS[1], stored)
+    return 0
+  end
 end
 if tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])

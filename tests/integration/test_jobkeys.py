@@ -85,6 +85,26 @@ def test_a_success_is_never_overwritten_by_a_late_duplicate(backend):
     assert backend.get_task_meta(other)["status"] == "SUCCESS"
 
 
+def test_a_late_duplicate_publishes_the_stored_success_again(db, backend):
+    """A producer that missed the first publish (it was resubscribing) still gets the result."""
+    job_id = str(uuid.uuid4())
+    backend.mark_as_done(job_id, {"faces": [1]})
+    listener = db.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(backend.get_key_for_task(job_id))
+    try:
+        backend.mark_as_failure(job_id, RuntimeError("a duplicate delivery failed later"))
+        message = None
+        for _ in range(50):
+            message = listener.get_message(timeout=0.1)
+            if message:
+                break
+        assert message is not None, "nothing was published for the duplicate"
+        assert backend.decode_result(message["data"])["status"] == "SUCCESS"
+        assert backend.decode_result(message["data"])["result"] == {"faces": [1]}
+    finally:
+        listener.close()
+
+
 def test_keys_of_a_result_never_stored_are_handed_back(db, backend):
     job_id = str(uuid.uuid4())
     owned = [key("deliveries")]

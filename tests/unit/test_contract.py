@@ -21,7 +21,8 @@ def test_celery_configuration_follows_the_contract():
     assert config["task_serializer"] == config["result_serializer"] == "msgpack"
     assert "pickle" not in config["accept_content"] and "pickle" not in config["result_accept_content"]
     assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
-    assert config["worker_prefetch_multiplier"] == 1
+    assert config["worker_prefetch_multiplier"] == 2, "each pool process's next job waits in the worker"
+    assert celery_config(Settings.from_env({"IDENT_PREFETCH_MULTIPLIER": "1"}))["worker_prefetch_multiplier"] == 1
     assert config["broker_transport_options"]["visibility_timeout"] == 900
     assert config["result_expires"] == 60
     assert config["broker_url"] == config["result_backend"]
@@ -42,9 +43,33 @@ def test_tls_urls_verify_certificates():
     assert "broker_use_ssl" not in celery_config(Settings.from_env({})), "plain redis:// uses no TLS"
 
 
+def test_redis_urls_use_the_transport_that_reuses_its_client():
+    from kombu import Connection
+
+    from tasks.transport import Transport
+
+    for url in ("redis://:secret@redis.example:6379/0", "rediss://redis.example:6380/0"):
+        connection = Connection(celery_config(Settings.from_env({"IDENT_REDIS_URL": url}))["broker_url"])
+        assert connection.transport_cls in ("redis", "rediss")
+        assert isinstance(connection.transport, Transport)
+        # What logs and Flower's broker view show: the URL's own scheme, password masked.
+        assert connection.as_uri().startswith(url.split("://")[0] + "://")
+        assert "secret" not in connection.as_uri()
+    assert not isinstance(Connection("sentinel://redis.example:26379").transport, Transport)
+
+
+def test_a_prefetch_that_could_outlast_the_visibility_timeout_is_reported():
+    held = Settings.from_env({"IDENT_VISIBILITY_TIMEOUT": "300", "IDENT_TASK_TIME_LIMIT": "180",
+                              "IDENT_PREFETCH_MULTIPLIER": "2"})
+    assert any("IDENT_PREFETCH_MULTIPLIER" in warning for warning in held.warnings())
+    assert not Settings.from_env({"IDENT_VISIBILITY_TIMEOUT": "300", "IDENT_TASK_TIME_LIMIT": "180",
+                                  "IDENT_PREFETCH_MULTIPLIER": "1"}).warnings()
+    assert not Settings.from_env({}).warnings(), "the defaults are consistent"
+
+
 def test_producer_side_imports_nothing_heavy():
     code = (
-        "import sys, tasks.client, tasks.app, tasks.contract, tasks.errors, tasks.settings\n"
+        "import sys, tasks.client, tasks.app, tasks.contract, tasks.errors, tasks.settings, tasks.transport\n"
         "heavy = [m for m in ('onnxruntime', 'cv2', 'numpy', 'soundfile') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
