@@ -94,9 +94,9 @@ class Settings:
     payload_ref_bytes: int = 32 * 1024
     # Jobs a worker's main process holds per pool process. At 2 the next job
     # is already waiting when a process finishes one, instead of being fetched
-    # from Redis then (three round trips later): 0.9 -> 0.96 of raw ONNX
-    # Runtime's throughput in docs/benchmarks.md. A held job waits at most
-    # for one of that worker's processes to finish the job it is running.
+    # from Redis then (three round trips later): 0.85-0.92 -> 0.94-1.02 of raw
+    # ONNX Runtime's throughput in paired runs (docs/benchmarks.md). A held job
+    # waits at most for one of that worker's processes to finish its job.
     prefetch_multiplier: int = 2
     # Micro-batching inside a worker process.
     max_batch: int = 1
