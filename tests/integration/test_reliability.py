@@ -55,8 +55,9 @@ def fleet(models_path, tmp_path_factory):
         redis, models_path,
         visibility_timeout=VISIBILITY_TIMEOUT,
         # Kept under the visibility timeout, as the README asks, so that no
-        # live job is ever handed out twice.
-        task_soft_time_limit=12, task_time_limit=14,
+        # live job is ever handed out twice: with one job held per process
+        # (not two), a job's wait plus its run stays under it.
+        task_soft_time_limit=12, task_time_limit=14, prefetch_multiplier=1,
         max_deliveries=3,
         cpu_threads=1,
     )
@@ -272,7 +273,7 @@ def test_sixty_jobs_survive_a_killed_process_and_a_killed_worker(both_up, photos
 def test_redis_restart_with_aof_loses_nothing(models_path, tmp_path_factory, photos):
     redis = EmbeddedRedis(appendonly=True).start()
     env = make_env(redis, models_path, visibility_timeout=10, task_soft_time_limit=8, task_time_limit=9,
-                   cpu_threads=1)
+                   prefetch_multiplier=1, cpu_threads=1)
     fleet = Fleet(redis, env, tmp_path_factory.mktemp("restart-logs"))
     try:
         worker = fleet.start("vision", "restart@itest", concurrency=1)
