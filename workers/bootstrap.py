@@ -428,6 +428,8 @@ def make_worker_app(kind: str) -> Celery:
     # Celery names a backend class and its URL as CLASS+URL.
     app.conf.result_backend = f"{RESULT_BACKEND}+{settings.redis_url}"
     app.conf.worker_hijack_root_logger = True
+    # -P prefork (the default) means this subclass: see workers/prefork.py.
+    app.conf.worker_pool = "workers.prefork:TaskPool"
     if settings.max_batch > 1:
         # A batch can only fill from jobs the main process has already
         # received; each pool process may have a full batch waiting.

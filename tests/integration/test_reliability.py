@@ -301,3 +301,32 @@ def test_redis_restart_with_aof_loses_nothing(models_path, tmp_path_factory, pho
     finally:
         fleet.stop_all()
         redis.cleanup()
+
+
+def test_a_warm_shutdown_loses_no_job_waiting_in_a_pool_process(models_path, tmp_path_factory, slow):
+    """SIGTERM with the default prefetch: one job running, the next one already in the process's pipe."""
+    redis = EmbeddedRedis().start()
+    env = make_env(redis, models_path, cpu_threads=1)
+    fleet = Fleet(redis, env, tmp_path_factory.mktemp("shutdown-logs"))
+    try:
+        first = fleet.start("vision", "shut-a@itest", concurrency=1)
+        jobs = [fleet.client.analyze_image(slow) for _ in range(4)]
+        assert find_running(fleet.app, ["shut-a@itest"], jobs[0].id, timeout=60), "the first job never ran"
+        reserved = reserved_jobs(fleet.app, ["shut-a@itest"]).get("shut-a@itest", [])
+        assert reserved, "no job was waiting behind the running one"
+        first.stop(signal.SIGTERM, timeout=120)
+        assert first.process.returncode == 0, "the warm shutdown did not finish cleanly"
+
+        fleet.start("vision", "shut-b@itest", concurrency=1)
+        for job in jobs:
+            ok, value = outcome(job, timeout=120)
+            assert ok, f"job {job.id} failed: {type(value).__name__}: {value}"
+            assert len(value["faces"]) == 50
+        # The job in the pipe was run and acknowledged by the first worker, not
+        # left for Redis to deliver again (and run twice).
+        for job in jobs:
+            assert received_count(fleet, job.id) == 1, job.id
+        assert "could not ensure all messages were consumed" not in first.log_path.read_text()
+    finally:
+        fleet.stop_all()
+        redis.cleanup()

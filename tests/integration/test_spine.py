@@ -46,6 +46,15 @@ def test_model_status_lists_every_pool_process(fleet, client):
         assert process["models"] and process["device"]
 
 
+def test_workers_run_the_fleets_prefork_pool(fleet, client):
+    """Started as operators start them (no -P), workers use workers/prefork.py."""
+    stats = client.app.control.inspect(destination=["vision-a@itest", "audio-a@itest"], timeout=3).stats()
+    assert set(stats) == {"vision-a@itest", "audio-a@itest"}
+    for body in stats.values():
+        assert body["pool"]["implementation"] == "workers.prefork:TaskPool"
+        assert body["pool"]["put-guarded-by-semaphore"] is False
+
+
 def test_inspect_command_line_works(fleet, fleet_env):
     completed = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "workers.vision", "inspect", "model_status", "--json", "-t", "3"],
