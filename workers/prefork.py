@@ -98,6 +98,13 @@ class QueueingAsynPool(asynpool.AsynPool):
             hub.consolidate_callback = write_to_least_loaded
         return handlers
 
+    def _worker_active(self, worker) -> bool:
+        """Billiard counts a process busy once it has accepted a job; shrinking the pool
+        (``--autoscale``) must not stop one that has a job in its pipe either."""
+        if super()._worker_active(worker):
+            return True
+        return self.jobs_per_process is not None and self.jobs_per_process.load(worker.inqW_fd) > 0
+
     def flush(self):
         """On shutdown, wait for the jobs already written to a process, as for the running ones.
 

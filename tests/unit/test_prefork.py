@@ -126,3 +126,17 @@ def test_a_process_recycled_after_its_job_limit_hands_its_waiting_job_on():
         assert len({pid for pid, _ in harness.finished.values()}) == 3, "each job ran in a fresh process"
     finally:
         harness.close()
+
+
+@pytest.mark.parametrize("harness", [(1, 2)], indirect=True)
+def test_shrinking_the_pool_spares_a_process_with_a_job_in_its_pipe(harness):
+    """``--autoscale`` shrinks the pool by stopping processes billiard sees as idle."""
+    job = harness.submit("job", 0.5)
+    # A write happens last in a turn of the event loop, so the process's
+    # acceptance of the job is read on a later turn: here, not yet.
+    assert harness.run_until(lambda: job._write_to is not None)
+    assert not job._accepted
+    with pytest.raises(ValueError, match="busy"):
+        harness.pool.shrink(1)
+    assert harness.run_until(lambda: "job" in harness.finished)
+    assert not harness.failed
