@@ -15,7 +15,7 @@ process frees up sooner. IDENT_PREFETCH_MULTIPLIER=1 is Celery's own strict
 fair scheduling. Celery itself recovers a job left in the pipe of a process
 that died or was recycled: never accepted, it is written to another process.
 On a warm shutdown the jobs already in a pipe are run and acknowledged, as the
-running ones are.
+running ones are, and ``--autoscale`` never stops a process with a job in its pipe.
 
 Celery keeps its busy processes in a set private to ``AsynPool``
 (``_busy_workers``, there since Celery 4; checked against 5.7). A Celery
