@@ -52,7 +52,6 @@ def test_workers_run_the_fleets_prefork_pool(fleet, client):
     assert set(stats) == {"vision-a@itest", "audio-a@itest"}
     for body in stats.values():
         assert body["pool"]["implementation"] == "workers.prefork:TaskPool"
-        assert body["pool"]["put-guarded-by-semaphore"] is False
 
 
 def test_inspect_command_line_works(fleet, fleet_env):
