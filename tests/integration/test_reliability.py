@@ -11,7 +11,10 @@ Each scenario kills real processes the way production loses them:
 * a job that kills its process on every delivery fails with PoisonMessage
   after IDENT_MAX_DELIVERIES deliveries instead of looping forever;
 * Redis restarted with its append-only file: producers and workers
-  reconnect, jobs queued before the restart are answered after it.
+  reconnect, jobs queued before the restart are answered after it;
+* a job waiting in a pool process's pipe (the default prefetch, see
+  workers/prefork.py) is run once, whether its worker is stopped with SIGTERM
+  or its process is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -303,30 +306,62 @@ def test_redis_restart_with_aof_loses_nothing(models_path, tmp_path_factory, pho
         redis.cleanup()
 
 
-def test_a_warm_shutdown_loses_no_job_waiting_in_a_pool_process(models_path, tmp_path_factory, slow):
-    """SIGTERM with the default prefetch: one job running, the next one already in the process's pipe."""
+@pytest.fixture
+def one_process(models_path, tmp_path_factory):
+    """One vision worker with one pool process at the default prefetch, on a Redis of its own."""
     redis = EmbeddedRedis().start()
-    env = make_env(redis, models_path, cpu_threads=1)
-    fleet = Fleet(redis, env, tmp_path_factory.mktemp("shutdown-logs"))
+    fleet = Fleet(redis, make_env(redis, models_path, cpu_threads=1), tmp_path_factory.mktemp("one-process-logs"))
     try:
-        first = fleet.start("vision", "shut-a@itest", concurrency=1)
-        jobs = [fleet.client.analyze_image(slow) for _ in range(4)]
-        assert find_running(fleet.app, ["shut-a@itest"], jobs[0].id, timeout=60), "the first job never ran"
-        reserved = reserved_jobs(fleet.app, ["shut-a@itest"]).get("shut-a@itest", [])
-        assert reserved, "no job was waiting behind the running one"
-        first.stop(signal.SIGTERM, timeout=120)
-        assert first.process.returncode == 0, "the warm shutdown did not finish cleanly"
-
-        fleet.start("vision", "shut-b@itest", concurrency=1)
-        for job in jobs:
-            ok, value = outcome(job, timeout=120)
-            assert ok, f"job {job.id} failed: {type(value).__name__}: {value}"
-            assert len(value["faces"]) == 50
-        # The job in the pipe was run and acknowledged by the first worker, not
-        # left for Redis to deliver again (and run twice).
-        for job in jobs:
-            assert received_count(fleet, job.id) == 1, job.id
-        assert "could not ensure all messages were consumed" not in first.log_path.read_text()
+        fleet.start("vision", "one-a@itest", concurrency=1)
+        yield fleet
     finally:
         fleet.stop_all()
         redis.cleanup()
+
+
+def running_with_one_waiting(fleet: Fleet, jobs) -> int:
+    """The pid of the pool process running ``jobs[0]``, once the worker holds the next job too."""
+    found = find_running(fleet.app, ["one-a@itest"], jobs[0].id, timeout=60)
+    assert found, "the first job never ran"
+    reserved = reserved_jobs(fleet.app, ["one-a@itest"]).get("one-a@itest", [])
+    assert reserved, "no job was waiting behind the running one"
+    return found[1]
+
+
+def test_a_warm_shutdown_loses_no_job_waiting_in_a_pool_process(one_process, slow):
+    """SIGTERM with the default prefetch: one job running, the next one already in the process's pipe."""
+    fleet = one_process
+    first = fleet.workers["one-a@itest"]
+    jobs = [fleet.client.analyze_image(slow) for _ in range(4)]
+    running_with_one_waiting(fleet, jobs)
+    first.stop(signal.SIGTERM, timeout=120)
+    assert first.process.returncode == 0, "the warm shutdown did not finish cleanly"
+
+    fleet.start("vision", "one-b@itest", concurrency=1)
+    for job in jobs:
+        ok, value = outcome(job, timeout=120)
+        assert ok, f"job {job.id} failed: {type(value).__name__}: {value}"
+        assert len(value["faces"]) == 50
+    # The job in the pipe was run and acknowledged by the first worker, not
+    # left for Redis to deliver again (and run twice).
+    for job in jobs:
+        assert received_count(fleet, job.id) == 1, job.id
+    assert "could not ensure all messages were consumed" not in first.log_path.read_text()
+
+
+def test_a_pool_process_killed_with_a_job_in_its_pipe_loses_neither(one_process, slow):
+    """SIGKILL: the running job goes back to Redis, the waiting one to the replacement process."""
+    fleet = one_process
+    jobs = [fleet.client.analyze_image(slow) for _ in range(3)]
+    pid = running_with_one_waiting(fleet, jobs)
+    os.kill(pid, signal.SIGKILL)
+    answered = {}
+    for job in jobs:
+        ok, value = outcome(job, timeout=120)
+        assert ok, f"job {job.id} failed: {type(value).__name__}: {value}"
+        assert len(value["faces"]) == 50
+        answered[job.id] = value["worker"]["pid"]
+    assert pid not in answered.values()
+    assert received_count(fleet, jobs[0].id) == 2, "the killed job was delivered again"
+    assert received_count(fleet, jobs[1].id) == 1, "the waiting job was run by the worker that held it"
+    assert pid not in {p["pid"] for p in fleet.processes("one-a@itest")}
