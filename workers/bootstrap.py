@@ -218,8 +218,10 @@ class FleetTask(Task):
             f"count the deliveries of job {task_id}",
         )
         if deliveries > settings.max_deliveries:
-            # Given up for good: its payload (biometric data) goes too.
-            _forget(client, owned)
+            # Given up for good: its payload (biometric data) goes too, with the
+            # PoisonMessage result. Deleted before it, a process killed in between
+            # would leave the next delivery a fresh count and no payload.
+            self.release_keys(task_id, owned)
             raise PoisonMessage(
                 f"job {task_id} was delivered {deliveries} times and its worker process died "
                 f"each time (limit IDENT_MAX_DELIVERIES={settings.max_deliveries}); it is not run again"
@@ -232,11 +234,15 @@ class FleetTask(Task):
             # dies mid-job skips this, so a redelivery still finds its payload.
             for reference in fetched:
                 _fetched_payloads.pop(reference, None)
-            backend = self.backend
-            if isinstance(backend, FleetResultBackend):
-                backend.delete_with_result(task_id, owned)
-            else:
-                _forget(client, owned)
+            self.release_keys(task_id, owned)
+
+    def release_keys(self, task_id: str, keys: list[str]) -> None:
+        """Delete a job's own keys in the step that stores its result (at once on other backends)."""
+        backend = self.backend
+        if isinstance(backend, FleetResultBackend):
+            backend.delete_with_result(task_id, keys)
+        else:
+            _forget(self.app.backend.client, keys)
 
     def payload(self, value: Any, name: str) -> bytes:
         """The job's payload as bytes.
