@@ -31,8 +31,9 @@ def celery_config(settings: Settings) -> dict:
         # died is put back: a crash never loses a job.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # Each pool process has its next job waiting in the worker (see
-        # IDENT_PREFETCH_MULTIPLIER); workers batching jobs hold a batch each.
+        # Each pool process has its next job waiting in its pipe (see
+        # IDENT_PREFETCH_MULTIPLIER, workers/prefork.py); workers batching jobs
+        # hold a batch each.
         "worker_prefetch_multiplier": settings.prefetch_multiplier,
         "task_queues": tuple(Queue(name, routing_key=name) for name in QUEUES),
         "task_default_queue": VISION_QUEUE,

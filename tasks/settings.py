@@ -92,11 +92,11 @@ class Settings:
     # bytes go to Redis once, raw, instead of base64 inside the message and
     # again in the broker's unacknowledged-message copy.
     payload_ref_bytes: int = 32 * 1024
-    # Jobs a worker's main process holds per pool process. At 2 the next job
-    # is already waiting when a process finishes one, instead of being fetched
-    # from Redis then (three round trips later): 0.85-0.92 -> 0.94-1.02 of raw
-    # ONNX Runtime's throughput in paired runs (docs/benchmarks.md). A held job
-    # waits at most for one of that worker's processes to finish its job.
+    # Jobs a worker holds per pool process. At 2 each process's next job is
+    # already in its pipe when it finishes one (workers/prefork.py), instead of
+    # being fetched from Redis and handed over then: queue overhead 3.8-4.5 ->
+    # 1.3-1.7 ms in paired runs (docs/benchmarks.md). A held job waits for the
+    # job ahead of it in the same process.
     prefetch_multiplier: int = 2
     # Micro-batching inside a worker process.
     max_batch: int = 1
