@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from models.catalog import ModelSpec
 from models.cuda import CPU_EP, CUDA_EP, CudaFacts, explain_cpu_fallback, probe_cuda
+from models.rewrite import for_cpu
 from tasks.errors import DeviceUnavailable, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -121,12 +122,14 @@ class ModelSession:
         threads: int,
         device_id: int | None,
         cpu_reason: str | None,
+        rewrites: tuple[str, ...] = (),
     ) -> None:
         self.spec = spec
         self.path = path
         self.sha256 = sha256
         self.threads = threads
         self.cpu_reason = cpu_reason
+        self.rewrites = rewrites
         self._session = session
         self._device_id = device_id
         self.provider = session.get_providers()[0]
@@ -167,6 +170,7 @@ class ModelSession:
             "device": self.device,
             "device_id": self.device_id,
             "threads": self.threads,
+            "rewrites": list(self.rewrites),
             "message": None if self.provider == CUDA_EP else self.cpu_reason,
         }
 
@@ -196,18 +200,45 @@ def open_session(spec: ModelSpec, models_dir: Path, plan: DevicePlan, threads: i
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    with _captured_native_stderr() as ort_messages:
-        try:
-            session = ort.InferenceSession(str(path), options, providers=plan.providers)
-        except Exception as exc:  # ORT raises its own unexported exception types
-            raise ModelUnavailable(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
+    rewrites: tuple[str, ...] = ()
+    source: str | bytes = str(path)
+    if plan.device_id is None:
+        source, rewrites = _cpu_graph(path)
+    session, ort_messages = _create_session(path, source, options, plan.providers)
     cpu_reason = plan.cpu_reason
-    if session.get_providers()[0] != CUDA_EP and cpu_reason is None:
-        said = next((m for m in ort_messages if "CUDA" in m), None)
-        cpu_reason = "ONNX Runtime declined the CUDA execution provider" + (f": {said}" if said else "")
-    model = ModelSession(spec, path, sha256, session, threads, plan.device_id, cpu_reason)
+    if session.get_providers()[0] != CUDA_EP:
+        if cpu_reason is None:
+            said = next((m for m in ort_messages if "CUDA" in m), None)
+            cpu_reason = "ONNX Runtime declined the CUDA execution provider" + (f": {said}" if said else "")
+        if plan.device_id is not None:
+            # CUDA was asked for and declined: the graph runs on CPU after all.
+            source, rewrites = _cpu_graph(path)
+            if rewrites:
+                session, _ = _create_session(path, source, options, [CPU_EP])
+    for rewrite in rewrites:
+        log.info("%s on CPU: %s (onnxruntime %s)", spec.key, rewrite, ort.__version__)
+    model = ModelSession(spec, path, sha256, session, threads, plan.device_id, cpu_reason, rewrites)
     warm_up(model)
     return model
+
+
+def _cpu_graph(path: Path) -> tuple[str | bytes, tuple[str, ...]]:
+    try:
+        graph = for_cpu(path, ort.__version__)
+    except Exception as exc:  # onnx raises its own DecodeError and ValidationError types
+        raise ModelUnavailable(f"{path.name} is not a readable ONNX model: {exc}") from exc
+    return graph.source, graph.rewrites
+
+
+def _create_session(
+    path: Path, source: str | bytes, options: ort.SessionOptions, providers: list[Any]
+) -> tuple[ort.InferenceSession, list[str]]:
+    with _captured_native_stderr() as ort_messages:
+        try:
+            session = ort.InferenceSession(source, options, providers=providers)
+        except Exception as exc:  # ORT raises its own unexported exception types
+            raise ModelUnavailable(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
+    return session, ort_messages
 
 
 def warm_up(model: ModelSession) -> float:
