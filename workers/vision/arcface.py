@@ -30,7 +30,7 @@ import numpy as np
 from tasks.errors import InvalidInput
 
 # Bounds one run's activation memory when a job brings many faces. On one CPU
-# thread per-face cost grows with the batch (7.3 ms at 1, 8.3 at 16), so larger
+# thread per-face cost grows with the batch (5.3 ms at 1, 5.6 at 16), so larger
 # chunks would only pay off on a GPU.
 MAX_BATCH = 32
 
