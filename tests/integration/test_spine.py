@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from models.rewrite import cpu_prelu_is_slow
 from tests.conftest import driver_present
 
 pytestmark = pytest.mark.integration
@@ -29,6 +30,12 @@ def test_get_status_answers_from_its_own_queue(fleet, client, kind):
         assert status["device"] == "CPU"
         assert "libcuda.so.1" in status["message"]
         assert "cannot open shared object file" in status["message"]
+    rewritten = {key for key, model in status["models"].items() if model["rewrites"]}
+    on_cpu_with_slow_prelu = status["device"] == "CPU" and cpu_prelu_is_slow(status["onnxruntime"])
+    if kind == "vision" and on_cpu_with_slow_prelu:
+        assert {"arcface_mobilefacenet", "minifasnet_v2", "minifasnet_v1se"} <= rewritten
+    else:
+        assert rewritten == set(), "only PReLU models on CPU under onnxruntime >= 1.27 are rewritten"
 
 
 def test_model_status_lists_every_pool_process(fleet, client):
