@@ -1,7 +1,9 @@
 """ONNX Runtime sessions: one per model, created in the process that runs it.
 
 ``open_session`` tries the CUDA execution provider first (unless told not to),
-falls back to CPU with a specific reason, and warms the session up.
+falls back to CPU with a specific reason, and warms the session up. A session
+that runs on CPU loads the graph as ``models.rewrite`` prepares it for this
+onnxruntime (same outputs, around its slow PRelu kernel).
 ``ModelSession`` has the ``run``/``get_inputs`` interface of an ORT session, so
 the model classes never know which provider they got, and it reads the
 provider back from ORT after every run rather than assuming it.
