@@ -8,8 +8,9 @@ Why
     1.22-1.26, 934-989 us on 1.27-1.32; Relu(x) + slope * Min(x, 0) 139 us on
     1.31. The vision models are PReLU networks: ArcFace (MobileFaceNet) spent
     8.0 of its 14.4 ms in its 33 PRelu nodes, each MiniFASNet 2.3 of 4.5 ms.
-    The CUDA kernel is not affected, so only CPU sessions are rewritten;
-    ONNX Runtime before 1.27 keeps its own, faster, PRelu.
+    Only CPU sessions are rewritten (the CUDA kernel is a different one, not
+    measured here for want of a GPU); ONNX Runtime before 1.27 keeps its own,
+    faster, PRelu.
 
 What
     ``decompose_prelu`` replaces every ``PRelu(x, slope)`` with one of two
@@ -18,8 +19,8 @@ What
     - **blocked**: ``Relu(x) + Conv(Relu(Conv(x, -1)), -slope)``, both Convs
       1x1 and depthwise. On x86-64 ONNX Runtime runs convolutions over channel
       counts that fill its SIMD blocks in a blocked layout (NCHWc); this form
-      stays in that layout (the Relu and the Add fuse into the Convs), where
-      any Min or Mul would convert the tensor out of it and back. Used for a
+      stays in that layout (ORT can fuse the Relu and the Add into the Convs),
+      where a Min or Mul would convert the tensor out of it and back. Used for a
       per-channel slope on a 4-D tensor whose channels are a multiple of 16
       (the AVX-512 block, a multiple of the AVX2 one). ArcFace: 6.7 -> 5.0 ms.
     - **elementwise**: ``Relu(x) + slope * Min(x, 0)``, for everything else.
