@@ -41,7 +41,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
+
+from tasks.errors import ModelUnavailable
 
 # The first onnxruntime release with the slow CPU PRelu kernel.
 SLOW_CPU_PRELU_SINCE = (1, 27)
@@ -90,51 +93,61 @@ def decompose_prelu(model: onnx.ModelProto, blocked_channels: int | None = BLOCK
     initializers = {init.name: init for init in graph.initializer}
     ranks = _ranks(model)
     fresh = _Names(graph)
-    zero: str | None = None
+    zero: list[str] = []  # the elementwise form's shared 0.0, added once
     nodes: list[onnx.NodeProto] = []
     forms: Counter = Counter()
     for node in graph.node:
-        slope_init = initializers.get(node.input[1]) if node.op_type == "PRelu" and len(node.input) == 2 else None
-        if node.domain not in ("", "ai.onnx") or slope_init is None or slope_init.data_type != onnx.TensorProto.FLOAT:
+        slope = initializers.get(node.input[1]) if node.op_type == "PRelu" and len(node.input) == 2 else None
+        if node.domain not in ("", "ai.onnx") or slope is None or slope.data_type != onnx.TensorProto.FLOAT:
             nodes.append(node)
             continue
-        x, slope_name = node.input
-        (y,) = node.output
-        stem = node.name or "prelu"
-        slope = numpy_helper.to_array(slope_init)
-        channels = slope.shape[0] if slope.ndim == 3 and slope.shape[1:] == (1, 1) else None
-        if blocked_channels and channels and channels % blocked_channels == 0 and ranks.get(x) == 4:
-            negate = fresh(f"{stem}/minus_one")
-            scale = fresh(f"{stem}/minus_slope")
-            graph.initializer.append(numpy_helper.from_array(np.full((channels, 1, 1, 1), -1, np.float32), negate))
-            graph.initializer.append(numpy_helper.from_array((-slope).reshape(channels, 1, 1, 1), scale))
-            positive, flipped, magnitude, scaled = (fresh(f"{stem}/{part}") for part in ("relu", "neg", "relu_neg", "scaled"))
-            nodes += [
-                helper.make_node("Relu", [x], [positive], name=fresh(f"{stem}/Relu")),
-                helper.make_node("Conv", [x, negate], [flipped], name=fresh(f"{stem}/Negate"),
-                                 group=channels, kernel_shape=[1, 1]),
-                helper.make_node("Relu", [flipped], [magnitude], name=fresh(f"{stem}/ReluNeg")),
-                helper.make_node("Conv", [magnitude, scale], [scaled], name=fresh(f"{stem}/Scale"),
-                                 group=channels, kernel_shape=[1, 1]),
-                helper.make_node("Add", [positive, scaled], [y], name=fresh(f"{stem}/Add")),
-            ]
+        values = numpy_helper.to_array(slope)
+        per_channel = values.ndim == 3 and values.shape[1:] == (1, 1)
+        x = node.input[0]
+        if blocked_channels and per_channel and values.shape[0] % blocked_channels == 0 and ranks.get(x) == 4:
+            nodes += _blocked(node, values, graph, fresh)
             forms["blocked"] += 1
-            continue
-        if zero is None:
-            zero = fresh("prelu_rewrite_zero")
-            graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), zero))
-        positive, negative, scaled = (fresh(f"{stem}/{part}") for part in ("relu", "min0", "scaled"))
-        nodes += [
-            helper.make_node("Relu", [x], [positive], name=fresh(f"{stem}/Relu")),
-            helper.make_node("Min", [x, zero], [negative], name=fresh(f"{stem}/Min")),
-            helper.make_node("Mul", [negative, slope_name], [scaled], name=fresh(f"{stem}/Mul")),
-            helper.make_node("Add", [positive, scaled], [y], name=fresh(f"{stem}/Add")),
-        ]
-        forms["elementwise"] += 1
+        else:
+            if not zero:
+                zero.append(fresh("prelu_rewrite_zero"))
+                graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), zero[0]))
+            nodes += _elementwise(node, zero[0], fresh)
+            forms["elementwise"] += 1
     if forms:
         del graph.node[:]
         graph.node.extend(nodes)
     return forms
+
+
+def _blocked(node: onnx.NodeProto, slope: np.ndarray, graph: onnx.GraphProto, fresh: _Names) -> list:
+    """Relu(x) + Conv(Relu(Conv(x, -1)), -slope), both Convs 1x1 depthwise."""
+    x, (y,) = node.input[0], node.output
+    stem, channels = node.name or "prelu", slope.shape[0]
+    negate, scale = fresh(f"{stem}/minus_one"), fresh(f"{stem}/minus_slope")
+    graph.initializer.append(numpy_helper.from_array(np.full((channels, 1, 1, 1), -1, np.float32), negate))
+    graph.initializer.append(numpy_helper.from_array((-slope).reshape(channels, 1, 1, 1), scale))
+    positive, flipped, magnitude, scaled = (fresh(f"{stem}/{part}") for part in ("relu", "neg", "relu_neg", "scaled"))
+    depthwise = {"group": channels, "kernel_shape": [1, 1]}
+    return [
+        helper.make_node("Relu", [x], [positive], name=fresh(f"{stem}/Relu")),
+        helper.make_node("Conv", [x, negate], [flipped], name=fresh(f"{stem}/Negate"), **depthwise),
+        helper.make_node("Relu", [flipped], [magnitude], name=fresh(f"{stem}/ReluNeg")),
+        helper.make_node("Conv", [magnitude, scale], [scaled], name=fresh(f"{stem}/Scale"), **depthwise),
+        helper.make_node("Add", [positive, scaled], [y], name=fresh(f"{stem}/Add")),
+    ]
+
+
+def _elementwise(node: onnx.NodeProto, zero: str, fresh: _Names) -> list:
+    """Relu(x) + slope * Min(x, 0)."""
+    (x, slope), (y,) = node.input, node.output
+    stem = node.name or "prelu"
+    positive, negative, scaled = (fresh(f"{stem}/{part}") for part in ("relu", "min0", "scaled"))
+    return [
+        helper.make_node("Relu", [x], [positive], name=fresh(f"{stem}/Relu")),
+        helper.make_node("Min", [x, zero], [negative], name=fresh(f"{stem}/Min")),
+        helper.make_node("Mul", [negative, slope], [scaled], name=fresh(f"{stem}/Mul")),
+        helper.make_node("Add", [positive, scaled], [y], name=fresh(f"{stem}/Add")),
+    ]
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
@@ -160,9 +173,12 @@ def for_cpu(path: Path, ort_version: str) -> CpuGraph:
     """The model as a CPU session should load it under this onnxruntime."""
     if not cpu_prelu_is_slow(ort_version):
         return CpuGraph(str(path), ())
-    model = onnx.load(str(path))
+    try:
+        model = onnx.load(str(path))
+    except DecodeError as exc:
+        raise ModelUnavailable(f"{path.name} is not a readable ONNX model: {exc}") from exc
     if not any(node.op_type == "PRelu" for node in model.graph.node):
-        return CpuGraph(str(path), ())
+        return CpuGraph(str(path), ())  # spares the shape inference and the re-serialising
     forms = decompose_prelu(model)
     if not forms:
         return CpuGraph(str(path), ())

@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from models.catalog import ModelSpec
 from models.cuda import CPU_EP, CUDA_EP, CudaFacts, explain_cpu_fallback, probe_cuda
-from models.rewrite import for_cpu
+from models.rewrite import CpuGraph, for_cpu
 from tasks.errors import DeviceUnavailable, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -202,11 +202,8 @@ def open_session(spec: ModelSpec, models_dir: Path, plan: DevicePlan, threads: i
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    rewrites: tuple[str, ...] = ()
-    source: str | bytes = str(path)
-    if plan.device_id is None:
-        source, rewrites = _cpu_graph(path)
-    session, ort_messages = _create_session(path, source, options, plan.providers)
+    graph = for_cpu(path, ort.__version__) if plan.device_id is None else CpuGraph(str(path), ())
+    session, ort_messages = _create_session(path, graph.source, options, plan.providers)
     cpu_reason = plan.cpu_reason
     if session.get_providers()[0] != CUDA_EP:
         if cpu_reason is None:
@@ -214,22 +211,14 @@ def open_session(spec: ModelSpec, models_dir: Path, plan: DevicePlan, threads: i
             cpu_reason = "ONNX Runtime declined the CUDA execution provider" + (f": {said}" if said else "")
         if plan.device_id is not None:
             # CUDA was asked for and declined: the graph runs on CPU after all.
-            source, rewrites = _cpu_graph(path)
-            if rewrites:
-                session, _ = _create_session(path, source, options, [CPU_EP])
-    for rewrite in rewrites:
+            graph = for_cpu(path, ort.__version__)
+            if graph.rewrites:
+                session, _ = _create_session(path, graph.source, options, [CPU_EP])
+    for rewrite in graph.rewrites:
         log.info("%s on CPU: %s (onnxruntime %s)", spec.key, rewrite, ort.__version__)
-    model = ModelSession(spec, path, sha256, session, threads, plan.device_id, cpu_reason, rewrites)
+    model = ModelSession(spec, path, sha256, session, threads, plan.device_id, cpu_reason, graph.rewrites)
     warm_up(model)
     return model
-
-
-def _cpu_graph(path: Path) -> tuple[str | bytes, tuple[str, ...]]:
-    try:
-        graph = for_cpu(path, ort.__version__)
-    except Exception as exc:  # onnx raises its own DecodeError and ValidationError types
-        raise ModelUnavailable(f"{path.name} is not a readable ONNX model: {exc}") from exc
-    return graph.source, graph.rewrites
 
 
 def _create_session(
