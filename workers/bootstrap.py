@@ -242,7 +242,7 @@ class FleetTask(Task):
         if isinstance(backend, FleetResultBackend):
             backend.delete_with_result(task_id, keys)
         else:
-            _forget(self.app.backend.client, keys)
+            _forget(backend.client, keys)
 
     def payload(self, value: Any, name: str) -> bytes:
         """The job's payload as bytes.
