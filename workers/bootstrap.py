@@ -72,7 +72,9 @@ class WorkerRuntime:
     def __init__(self, kind: str, settings: Settings, process_index: int, pool_processes: int) -> None:
         from models.catalog import selected_models
         from models.runtime import cpu_threads_per_session, open_session, plan_device
+        from workers.allocator import keep_freed_memory
 
+        self.allocator = keep_freed_memory()
         self.kind = kind
         self.settings = settings
         self.pid = os.getpid()
@@ -132,6 +134,7 @@ class WorkerRuntime:
             "available_providers": ort.get_available_providers(),
             "models": {s.spec.key: s.status() for s in self.sessions.values()},
             "load_ms": self.load_ms,
+            "allocator": self.allocator,
             "jobs": self.jobs,
         }
 
@@ -508,11 +511,12 @@ def _on_process_init(**kwargs) -> None:
     gc.collect()
     gc.freeze()
     log.info(
-        "%s pool process %d ready in %.0f ms: %s",
+        "%s pool process %d ready in %.0f ms: %s; malloc %s",
         runtime.kind,
         runtime.pid,
         runtime.load_ms,
         runtime.providers()[0],
+        runtime.allocator,
     )
 
 

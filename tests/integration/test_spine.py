@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -11,6 +13,7 @@ import pytest
 
 from models.rewrite import cpu_prelu_is_slow
 from tests.conftest import driver_present
+from workers.allocator import operator_configured
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +39,8 @@ def test_get_status_answers_from_its_own_queue(fleet, client, kind):
         assert {"arcface_mobilefacenet", "minifasnet_v2", "minifasnet_v1se"} <= rewritten
     else:
         assert rewritten == set(), "only PReLU models on CPU under onnxruntime >= 1.27 are rewritten"
+    if operator_configured(os.environ) is None and platform.libc_ver()[0] == "glibc":
+        assert status["allocator"] == "glibc: mmap threshold 32 MiB, trim threshold 64 MiB"
 
 
 def test_model_status_lists_every_pool_process(fleet, client):
