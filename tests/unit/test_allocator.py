@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -48,8 +49,6 @@ def page_faults_per_job(tuned: bool, env: dict) -> float:
 def clean_env(monkeypatch):
     for name in ALLOCATOR_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    import os
-
     return dict(os.environ)
 
 
@@ -77,4 +76,5 @@ def test_an_operators_allocator_settings_win(environ, named):
 
 
 def test_unrelated_settings_are_not_taken_for_allocator_settings():
-    assert operator_configured({"MALLOC_ARENA_MAX": "2", "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F", "LD_PRELOAD": " "}) is None
+    unrelated = {"MALLOC_ARENA_MAX": "2", "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F", "LD_PRELOAD": " "}
+    assert operator_configured(unrelated) is None
