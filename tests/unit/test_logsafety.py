@@ -47,3 +47,23 @@ def test_argument_reprs_show_sizes():
     assert redact_arguments((b"\xff" * 10, None)) == ("<10 bytes>", None)
     assert redact_arguments(("QUJD" * 40, {"max_faces": 2})) == ("<160 characters>", {"max_faces": 2})
     assert redact_arguments(({"payload_ref": "ident:payload:abc"},)) == ({"payload_ref": "ident:payload:abc"},)
+
+
+def test_the_tracers_result_repr_is_celerys_saferepr_of_the_redacted_result():
+    from celery.utils.saferepr import saferepr
+
+    from workers.logsafety import _redacted_saferepr
+
+    results = [
+        {"faces": [{"embedding": [0.1] * 512, "box": [1, 2, 3, 4]}], "image": {"width": 640, "height": 427},
+         "timings_ms": {"total": 12.5}, "execution_provider": "CPUExecutionProvider", "message": None},
+        {"faces": [], "score": float("nan"), "flags": (True, False), "name": "x" * 500},
+        {"a": {"b": {"c": {"d": 1}}}},  # deeper than Celery shows
+        {"long": ["y" * 400] * 3},  # longer than the limit
+        {1: "an int key", "set": {1, 2}},  # not plain
+        b"\xff\xd8 payload",
+        [0.25] * 64,
+    ]
+    for result in results:
+        assert _redacted_saferepr(result, 1024) == saferepr(redact(result), 1024)
+        assert _redacted_saferepr(result) == saferepr(redact(result))
