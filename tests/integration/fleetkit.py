@@ -158,10 +158,10 @@ def outcome(result, timeout: float):
 
 
 def slow_image(tiles: int = 3) -> bytes:
-    """A real group photo tiled ``tiles`` x ``tiles``: 51 faces at 3, 147 at 5, 200+ at 8.
+    """A real group photo tiled ``tiles`` x ``tiles``: 51 faces at 3, 96 at 4, 147 at 5, 200+ at 8.
 
-    At the default 50-face cap that is about 0.9 s of CPU per job on the dev
-    machine; raise IDENT_MAX_FACES for longer jobs (200 faces: 3.7 s).
+    At the default 50-face cap that is about 0.8 s of CPU per job on the dev
+    machine; raise IDENT_MAX_FACES for longer jobs (96 faces: 1.3 s, 200: about 4 s).
     """
     import cv2
     import numpy as np

@@ -48,6 +48,10 @@ pytestmark = pytest.mark.integration
 
 VISIBILITY_TIMEOUT = 15
 A, B = "rel-a@itest", "rel-b@itest"
+# The slow job's faces (its photo holds more, so every answer has exactly this
+# many): at the default cap of 50 it took 0.8 s, a thin window for a test to
+# find it running and kill its process.
+SLOW_JOB_FACES = 90
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +67,7 @@ def fleet(models_path, tmp_path_factory):
         task_soft_time_limit=12, task_time_limit=14, prefetch_multiplier=1,
         max_deliveries=3,
         cpu_threads=1,
+        max_faces=SLOW_JOB_FACES,
     )
     fleet = Fleet(redis, env, tmp_path_factory.mktemp("reliability-logs"))
     try:
@@ -77,7 +82,8 @@ def fleet(models_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slow() -> bytes:
-    return slow_image()
+    """96 faces; analysing SLOW_JOB_FACES of them takes ~1.3 s: long enough to be caught running."""
+    return slow_image(tiles=4)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +145,7 @@ def test_a_pool_process_killed_mid_job_has_its_job_requeued_at_once(both_up, slo
             done[job.id] += (time.monotonic() - killed_at,)
         for job_id_, (ok, value, _) in done.items():
             assert ok, f"job {job_id_} failed: {type(value).__name__}: {value}"
-            assert len(value["faces"]) == 50, "the tiled group photo holds more faces than IDENT_MAX_FACES"
+            assert len(value["faces"]) == SLOW_JOB_FACES, "the tiled group photo holds more faces than IDENT_MAX_FACES"
         # Answered well before a visibility timeout could have handed it out again:
         # the dead process's job was put back the moment its death was noticed.
         print(f"killed job answered {done[job_id][2]:.1f} s after the kill")
@@ -242,7 +248,7 @@ def test_a_killed_worker_hands_its_jobs_over_after_the_visibility_timeout(both_u
     for job in jobs:
         ok, value = outcome(job, timeout=120)
         assert ok, f"job {job.id} failed: {type(value).__name__}: {value}"
-        assert len(value["faces"]) == 50
+        assert len(value["faces"]) == SLOW_JOB_FACES
     assert time.time() - killed_at < VISIBILITY_TIMEOUT + 90
 
 
@@ -312,7 +318,8 @@ def test_redis_restart_with_aof_loses_nothing(models_path, tmp_path_factory, pho
 def one_process(models_path, tmp_path_factory):
     """One vision worker with one pool process at the default prefetch, on a Redis of its own."""
     redis = EmbeddedRedis().start()
-    fleet = Fleet(redis, make_env(redis, models_path, cpu_threads=1), tmp_path_factory.mktemp("one-process-logs"))
+    fleet = Fleet(redis, make_env(redis, models_path, cpu_threads=1, max_faces=SLOW_JOB_FACES),
+                  tmp_path_factory.mktemp("one-process-logs"))
     try:
         fleet.start("vision", "one-a@itest", concurrency=1)
         yield fleet
@@ -343,7 +350,7 @@ def test_a_warm_shutdown_loses_no_job_waiting_in_a_pool_process(one_process, slo
     for job in jobs:
         ok, value = outcome(job, timeout=120)
         assert ok, f"job {job.id} failed: {type(value).__name__}: {value}"
-        assert len(value["faces"]) == 50
+        assert len(value["faces"]) == SLOW_JOB_FACES
     # The job in the pipe was run and acknowledged by the first worker, not
     # left for Redis to deliver again (and run twice).
     for job in jobs:
@@ -361,7 +368,7 @@ def test_a_pool_process_killed_with_a_job_in_its_pipe_loses_neither(one_process,
     for job in jobs:
         ok, value = outcome(job, timeout=120)
         assert ok, f"job {job.id} failed: {type(value).__name__}: {value}"
-        assert len(value["faces"]) == 50
+        assert len(value["faces"]) == SLOW_JOB_FACES
         answered[job.id] = value["worker"]["pid"]
     assert pid not in answered.values()
     assert received_count(fleet, jobs[0].id) == 2, "the killed job was delivered again"
