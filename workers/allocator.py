@@ -61,7 +61,8 @@ def keep_freed_memory(environ=os.environ) -> str:
         return "left alone: not glibc"
     libc = ctypes.CDLL(None)
     # mallopt returns 1 on success and 0 when glibc rejects the value.
-    accepted = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    accepted = (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     if not accepted:
         log.warning("glibc rejected the malloc thresholds; every job will page-fault its buffers in again")
         return "left alone: glibc rejected the thresholds"
