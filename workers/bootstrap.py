@@ -74,6 +74,7 @@ class WorkerRuntime:
         from models.runtime import cpu_threads_per_session, open_session, plan_device
         from workers.allocator import keep_freed_memory
 
+        # First, so that loading the models already allocates under these settings.
         self.allocator = keep_freed_memory()
         self.kind = kind
         self.settings = settings

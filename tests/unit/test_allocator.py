@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.allocator import keep_freed_memory, operator_configured
+from workers.allocator import THRESHOLD_VARIABLES, keep_freed_memory, operator_configured
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,8 +35,7 @@ for _ in range(10):
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 """
 
-ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
-                       "GLIBC_TUNABLES", "LD_PRELOAD")
+ALLOCATOR_VARIABLES = (*THRESHOLD_VARIABLES, "GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def page_faults_per_job(tuned: bool, env: dict) -> float:
