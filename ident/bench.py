@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import platform
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,27 +217,44 @@ def redis_bytes_in() -> int:
 # --- the baseline ------------------------------------------------------------------
 
 _baseline_runtime = None
+_baseline_start_args: tuple = ()
 
 
-def _baseline_process_init(kind: str, threads: int, counter, warm_up: list[bytes]) -> None:
-    """Build the worker's own runtime, on plain ORT sessions, and warm it as the fleet was."""
+def _baseline_process_init(kind: str, threads: int, counter, barrier) -> None:
+    # Nothing here may fail: a Pool whose initializer raises replaces the
+    # process and runs it again, forever. The runtime is built by _baseline_start.
+    global _baseline_start_args
+    _baseline_start_args = (kind, threads, counter, barrier)
+
+
+def _baseline_start(_) -> int:
+    """Build the worker's own runtime, on plain ORT sessions, as a pool process does.
+
+    Each process then waits at the barrier for the others, so each takes
+    exactly one of these calls; one that fails breaks the barrier for all.
+    """
     global _baseline_runtime
     import dataclasses
 
     from tasks.settings import load_settings
     from workers.bootstrap import WorkerRuntime
 
-    importlib.import_module(f"workers.{kind}")  # registers the kind's pipeline
-    with counter.get_lock():
-        index = counter.value
-        counter.value += 1
-    settings = dataclasses.replace(load_settings(), cpu_threads=threads)
-    _baseline_runtime = WorkerRuntime(kind, settings, index, 1)
-    for payload in warm_up:
-        _baseline_runtime.pipeline.analyze_many([payload], [None])
+    kind, threads, counter, barrier = _baseline_start_args
+    try:
+        importlib.import_module(f"workers.{kind}")  # registers the kind's pipeline
+        with counter.get_lock():
+            index = counter.value
+            counter.value += 1
+        settings = dataclasses.replace(load_settings(), cpu_threads=threads)
+        _baseline_runtime = WorkerRuntime(kind, settings, index, 1)
+    except BaseException:
+        barrier.abort()
+        raise
     # As a worker's pool process does after loading (workers/bootstrap.py).
     gc.collect()
     gc.freeze()
+    barrier.wait()
+    return os.getpid()
 
 
 def _baseline_job(payloads: list[bytes]) -> float:
@@ -244,24 +262,34 @@ def _baseline_job(payloads: list[bytes]) -> float:
     return sum(units_of(_baseline_runtime.kind, r) for r in results if isinstance(r, dict))
 
 
-def _baseline_ready(_) -> int:
-    return os.getpid()
+def _start_baseline_processes(pool, kind: str, processes: int) -> None:
+    starts = [pool.apply_async(_baseline_start, (i,)) for i in range(processes)]
+    errors = []
+    for start in starts:
+        try:
+            start.get()
+        except Exception as exc:  # noqa: BLE001 -- gathered, the first real one re-raised below
+            errors.append(exc)
+    if errors:
+        # The processes that waited for a failed one only report the broken barrier.
+        cause = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+        raise IdentError(f"the in-process baseline runs on this machine and could not load the {kind} "
+                         f"pipeline: {cause}") from cause
 
 
 def run_baseline(kind: str, inputs: list[tuple[str, bytes]], jobs: int, processes: int, threads: int,
-                 batch: int = 1, progress=None) -> dict:
+                 batch: int = 1, warm_jobs: int = 0, progress=None, warm_progress=None) -> dict:
+    """The same pipeline in ``processes`` spawned processes: ``warm_jobs`` untimed, then ``jobs`` timed."""
     context = multiprocessing.get_context("spawn")
-    counter = context.Value("i", 0)
-    work = []
-    for start in range(0, jobs, batch):
-        work.append([inputs[i % len(inputs)][1] for i in range(start, min(start + batch, jobs))])
-    warm_up = [payload for _name, payload in inputs[:2]]
-    with context.Pool(processes, initializer=_baseline_process_init,
-                      initargs=(kind, threads, counter, warm_up)) as pool:
-        pool.map(_baseline_ready, range(processes * 4), chunksize=1)
+    start_args = (kind, threads, context.Value("i", 0), context.Barrier(processes))
+    with context.Pool(processes, initializer=_baseline_process_init, initargs=start_args) as pool:
+        _start_baseline_processes(pool, kind, processes)
+        for _units, payloads in _feed(pool, inputs, warm_jobs, batch):
+            if warm_progress:
+                warm_progress(len(payloads))
         started = time.perf_counter()
         units = 0.0
-        for job_units, payloads in zip(pool.imap(_baseline_job, work, chunksize=1), work):
+        for job_units, payloads in _feed(pool, inputs, jobs, batch):
             units += job_units
             if progress:
                 progress(len(payloads))
@@ -273,7 +301,17 @@ def run_baseline(kind: str, inputs: list[tuple[str, bytes]], jobs: int, processe
         "processes": processes,
         "threads": threads,
         "batch": batch,
+        "warm_up_jobs": warm_jobs,
     }
+
+
+def _feed(pool, inputs: list[tuple[str, bytes]], jobs: int, batch: int):
+    """(units, payloads) per call, the inputs cycled as the fleet run cycles them."""
+    work = [
+        [inputs[i % len(inputs)][1] for i in range(start, min(start + batch, jobs))]
+        for start in range(0, jobs, batch)
+    ]
+    return zip(pool.imap(_baseline_job, work, chunksize=1), work)
 
 
 # --- the command ---------------------------------------------------------------------
@@ -301,26 +339,40 @@ def machine() -> dict:
 
 
 def bench(kind: str, jobs: int, concurrency: int, batch: int, inputs_dir: Path | None,
-          by_reference: bool = True) -> dict:
+          by_reference: bool = True, warm_jobs: int | None = None) -> dict:
+    """One fleet run and one baseline run, each after the same number of untimed warm-up jobs.
+
+    Both sides warm up alike, because a process's first pass over the inputs
+    is slower than the ones after it (its heap and ONNX Runtime's buffers grow
+    to the inputs' sizes: a fleet's process took about 140 photos to settle, see
+    docs/benchmarks.md), and a fleet already warm from an earlier run must not
+    be compared with a cold baseline. By default each side runs the timed
+    workload once untimed first.
+    """
     inputs = load_inputs(kind, inputs_dir)
     shape = fleet_shape(kind)
     payload_mean = float(np.mean([len(inputs[i % len(inputs)][1]) for i in range(jobs)]))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    if warm_jobs is None:
+        warm_jobs = jobs
     with Progress(*columns, console=console) as progress:
-        warm_jobs = min(len(inputs), 2 * shape["processes"])
-        warm = progress.add_task("fleet warm-up", total=warm_jobs)
-        run_fleet(kind, inputs, warm_jobs, shape["processes"], lambda: progress.advance(warm))
+        if warm_jobs:
+            fleet_warm = progress.add_task("fleet warm-up", total=warm_jobs)
+            run_fleet(kind, inputs, warm_jobs, concurrency, lambda: progress.advance(fleet_warm), by_reference)
         fleet_task = progress.add_task(f"fleet, {concurrency} in flight", total=jobs)
         bytes_before = redis_bytes_in()
         fleet = run_fleet(kind, inputs, jobs, concurrency, lambda: progress.advance(fleet_task), by_reference)
         bytes_per_job = (redis_bytes_in() - bytes_before) / jobs
+        base_warm = progress.add_task("baseline warm-up", total=warm_jobs) if warm_jobs else None
         base_task = progress.add_task(f"baseline, {shape['processes']} processes", total=jobs)
-        baseline = run_baseline(kind, inputs, jobs, shape["processes"], shape["threads"], batch,
-                                lambda n: progress.advance(base_task, n))
+        baseline = run_baseline(kind, inputs, jobs, shape["processes"], shape["threads"], batch, warm_jobs,
+                                lambda n: progress.advance(base_task, n),
+                                lambda n: progress.advance(base_warm, n))
     ratio = fleet["throughput_per_s"] / baseline["throughput_per_s"] if baseline["throughput_per_s"] else 0.0
     return {
         "kind": kind,
-        "settings": {"jobs": jobs, "concurrency": concurrency, "batch": batch, "inputs": len(inputs),
+        "settings": {"jobs": jobs, "warm_up_jobs": warm_jobs, "concurrency": concurrency, "batch": batch,
+                     "inputs": len(inputs),
                      "payloads_by_reference": by_reference, "fleet": shape},
         "machine": machine(),
         "throughput_per_s": fleet["throughput_per_s"],
@@ -390,6 +442,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--concurrency", default="8",
                         help="jobs in flight; a comma list (1,4,8,16) runs one bench per value")
     parser.add_argument("--batch", type=int, default=1, help="jobs per call in the baseline's analyze_many")
+    parser.add_argument("--warmup", type=int, dest="warm_jobs",
+                        help="untimed jobs on each side before timing (default: as many as --jobs)")
     parser.add_argument("--inputs", type=Path, help="folder of input files (default: ../shared/data)")
     parser.add_argument("--inline", action="store_true",
                         help="send every payload inside the message instead of by reference")
@@ -399,7 +453,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     levels = [int(v) for v in str(args.concurrency).split(",") if v.strip()]
-    reports = [bench(args.kind, args.jobs, level, args.batch, args.inputs, not args.inline) for level in levels]
+    reports = [bench(args.kind, args.jobs, level, args.batch, args.inputs, not args.inline, args.warm_jobs)
+               for level in levels]
     for report in reports:
         Console().print(render(report))
     if args.json_path:
