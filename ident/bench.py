@@ -10,6 +10,7 @@ numbers move with whatever else the machine is doing.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib
 import json
@@ -436,13 +437,38 @@ def chart(reports: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def count(least: int):
+    """An argparse type: a whole number of at least ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {least}, got {text!r}")
+        return value
+
+    return parse
+
+
+def counts(least: int):
+    """An argparse type: a comma list of whole numbers, each at least ``least``."""
+    parse_one = count(least)
+
+    def parse(text: str) -> list[int]:
+        return [parse_one(part.strip()) for part in text.split(",")]
+
+    return parse
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--kind", choices=("vision", "audio"), required=True)
-    parser.add_argument("--jobs", type=int, default=120)
-    parser.add_argument("--concurrency", default="8",
+    parser.add_argument("--jobs", type=count(1), default=120)
+    parser.add_argument("--concurrency", type=counts(1), default=[8],
                         help="jobs in flight; a comma list (1,4,8,16) runs one bench per value")
-    parser.add_argument("--batch", type=int, default=1, help="jobs per call in the baseline's analyze_many")
-    parser.add_argument("--warmup", type=int, dest="warm_jobs",
+    parser.add_argument("--batch", type=count(1), default=1, help="jobs per call in the baseline's analyze_many")
+    parser.add_argument("--warmup", type=count(0), dest="warm_jobs",
                         help="untimed jobs on each side before timing (default: as many as --jobs)")
     parser.add_argument("--inputs", type=Path, help="folder of input files (default: ../shared/data)")
     parser.add_argument("--inline", action="store_true",
@@ -452,9 +478,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    levels = [int(v) for v in str(args.concurrency).split(",") if v.strip()]
     reports = [bench(args.kind, args.jobs, level, args.batch, args.inputs, not args.inline, args.warm_jobs)
-               for level in levels]
+               for level in args.concurrency]
     for report in reports:
         Console().print(render(report))
     if args.json_path:
