@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,18 @@ def test_bench_report_is_complete_and_consistent(fleet, fleet_env, tmp_path, kin
     assert report["settings"]["warm_up_jobs"] == report["baseline"]["warm_up_jobs"] == jobs
     assert report["wire"]["redis_bytes_in_per_job"] > 0
     assert chart_path.stat().st_size > 1000 and chart_path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("by_reference", [False, True])
+def test_the_outside_client_script_pushes_real_photos(fleet, fleet_env, tmp_path, by_reference):
+    """scripts/outside_client.py, the Done-when's outside client, run from outside the repository."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "outside_client.py"
+    command = [sys.executable, str(script), "--jobs", "6", "--concurrency", "3"]
+    completed = subprocess.run(
+        command + (["--by-reference"] if by_reference else []), cwd=tmp_path,
+        env={**fleet_env, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout)
+    assert report["failures"] == {} and report["by_reference"] is by_reference
+    assert report["throughput_per_s"] > 0 and report["latency_ms_p50"] > 0
