@@ -3,9 +3,10 @@
 The fleet run drives the fleet at IDENT_REDIS_URL with real files, keeping
 ``concurrency`` jobs in flight. The baseline runs the very same pipeline code
 in-process on plain ONNX Runtime sessions, with as many processes and threads
-as the fleet's pool uses, on the same inputs. Both run one after the other in
-one invocation, so the ratio between them is what to quote: the absolute
-numbers move with whatever else the machine is doing.
+as the fleet's pool uses, on the same inputs. Each side is warmed up alike
+before it is timed. Both run one after the other in one invocation, so the
+ratio between them is what to quote: the absolute numbers move with whatever
+else the machine is doing.
 """
 
 from __future__ import annotations
@@ -364,11 +365,13 @@ def bench(kind: str, jobs: int, concurrency: int, batch: int, inputs_dir: Path |
         bytes_before = redis_bytes_in()
         fleet = run_fleet(kind, inputs, jobs, concurrency, lambda: progress.advance(fleet_task), by_reference)
         bytes_per_job = (redis_bytes_in() - bytes_before) / jobs
-        base_warm = progress.add_task("baseline warm-up", total=warm_jobs) if warm_jobs else None
+        warm_progress = None
+        if warm_jobs:
+            base_warm = progress.add_task("baseline warm-up", total=warm_jobs)
+            warm_progress = lambda n: progress.advance(base_warm, n)  # noqa: E731
         base_task = progress.add_task(f"baseline, {shape['processes']} processes", total=jobs)
         baseline = run_baseline(kind, inputs, jobs, shape["processes"], shape["threads"], batch, warm_jobs,
-                                lambda n: progress.advance(base_task, n),
-                                lambda n: progress.advance(base_warm, n))
+                                lambda n: progress.advance(base_task, n), warm_progress)
     ratio = fleet["throughput_per_s"] / baseline["throughput_per_s"] if baseline["throughput_per_s"] else 0.0
     return {
         "kind": kind,
@@ -444,8 +447,8 @@ def count(least: int):
         try:
             value = int(text)
         except ValueError:
-            value = least - 1
-        if value < least:
+            value = None
+        if value is None or value < least:
             raise argparse.ArgumentTypeError(f"expected a whole number of at least {least}, got {text!r}")
         return value
 
