@@ -57,6 +57,10 @@ def main() -> int:
     app.conf.update(task_serializer="msgpack", result_serializer="msgpack",
                     accept_content=["msgpack"], result_accept_content=["msgpack"])
     store = redis.Redis.from_url(url)
+    try:
+        store.ping()
+    except redis.ConnectionError as exc:
+        sys.exit(f"cannot reach Redis at {url} ({exc}): set IDENT_REDIS_URL to the fleet's Redis")
     images = photos(args.inputs)
 
     def send(index: int):
