@@ -222,15 +222,15 @@ _baseline_runtime = None
 _baseline_start_args: tuple = ()
 
 
-def _baseline_process_init(kind: str, threads: int, counter, barrier) -> None:
+def _baseline_process_init(kind: str, threads: int, barrier) -> None:
     # Nothing here may fail: a Pool whose initializer raises replaces the
     # process and runs it again, forever. The runtime is built by _baseline_start.
     global _baseline_start_args
-    _baseline_start_args = (kind, threads, counter, barrier)
+    _baseline_start_args = (kind, threads, barrier)
 
 
-def _baseline_start(_) -> int:
-    """Build the worker's own runtime, on plain ORT sessions, as a pool process does.
+def _baseline_start(index: int) -> int:
+    """Build the worker's own runtime, on plain ORT sessions, as pool process ``index`` does.
 
     Each process then waits at the barrier for the others, so each takes
     exactly one of these calls; one that fails breaks the barrier for all.
@@ -241,12 +241,9 @@ def _baseline_start(_) -> int:
     from tasks.settings import load_settings
     from workers.bootstrap import WorkerRuntime
 
-    kind, threads, counter, barrier = _baseline_start_args
+    kind, threads, barrier = _baseline_start_args
     try:
         importlib.import_module(f"workers.{kind}")  # registers the kind's pipeline
-        with counter.get_lock():
-            index = counter.value
-            counter.value += 1
         settings = dataclasses.replace(load_settings(), cpu_threads=threads)
         _baseline_runtime = WorkerRuntime(kind, settings, index, 1)
     except BaseException:
@@ -283,7 +280,7 @@ def run_baseline(kind: str, inputs: list[tuple[str, bytes]], jobs: int, processe
                  batch: int = 1, warm_jobs: int = 0, progress=None, warm_progress=None) -> dict:
     """The same pipeline in ``processes`` spawned processes: ``warm_jobs`` untimed, then ``jobs`` timed."""
     context = multiprocessing.get_context("spawn")
-    start_args = (kind, threads, context.Value("i", 0), context.Barrier(processes))
+    start_args = (kind, threads, context.Barrier(processes))
     with context.Pool(processes, initializer=_baseline_process_init, initargs=start_args) as pool:
         _start_baseline_processes(pool, kind, processes)
         for _units, payloads in _feed(pool, inputs, warm_jobs, batch):

@@ -20,7 +20,11 @@ RUN_BASELINE = textwrap.dedent("""
 
     if __name__ == "__main__":
         try:
-            report = run_baseline("vision", load_inputs("vision", None)[:3], 4, 2, 1, warm_jobs=3)
+            calls = []
+            report = run_baseline("vision", load_inputs("vision", None)[:3], 4, 2, 1, warm_jobs=3,
+                                  progress=lambda n: calls.append(("timed", n)),
+                                  warm_progress=lambda n: calls.append(("warm", n)))
+            report["calls"] = calls
         except IdentError as exc:
             print("IdentError:", exc)
             sys.exit(3)
@@ -49,4 +53,6 @@ def test_a_baseline_warms_up_before_it_times(tmp_path, models_path, data_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     assert report["warm_up_jobs"] == 3
+    # Every warm-up job is done before the first timed one.
+    assert report["calls"] == [["warm", 1]] * 3 + [["timed", 1]] * 4
     assert report["processes"] == 2 and report["throughput_per_s"] > 0
