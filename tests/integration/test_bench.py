@@ -6,6 +6,7 @@ Speed itself is measured in docs/benchmarks.md, not asserted here.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,29 @@ def test_bench_report_is_complete_and_consistent(fleet, fleet_env, tmp_path, kin
     assert report["settings"]["warm_up_jobs"] == report["baseline"]["warm_up_jobs"] == jobs
     assert report["wire"]["redis_bytes_in_per_job"] > 0
     assert chart_path.stat().st_size > 1000 and chart_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_inputs_fail_alone_and_count_alike_on_both_sides(fleet, fleet_env, data_path, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("alex_lacamoire_01.jpg", "angelina_jolie_01.jpg"):
+        shutil.copy(data_path / "images" / "faces" / name, inputs / name)
+    shutil.copy(data_path / "bad" / "random_bytes.jpg", inputs / "random_bytes.jpg")
+    report_path = tmp_path / "report.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "ident.cli", "bench", "--kind", "vision", "--jobs", "6", "--concurrency", "2",
+         "--warmup", "0", "--inputs", str(inputs), "--json", str(report_path)],
+        env=fleet_env, capture_output=True, text=True, timeout=600,
+    )
+    # A run with failed jobs is not a clean measurement: the exit status says so.
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    # Six jobs cycle through three inputs: the two random_bytes.jpg jobs fail, on each side.
+    assert report["fleet"]["failed"] == report["baseline"]["failed"] == 2
+    assert report["fleet"]["errors"] == ["InvalidInput"]
+    # Throughput counts the jobs that succeeded, on both sides alike.
+    for side in (report["fleet"], report["baseline"]):
+        assert side["throughput_per_s"] == pytest.approx(4 / side["wall_s"], rel=0.01)
 
 
 @pytest.mark.parametrize("by_reference", [False, True])
