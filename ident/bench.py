@@ -53,9 +53,10 @@ def load_inputs(kind: str, folder: Path | None) -> list[tuple[str, bytes]]:
     return [(str(p.relative_to(folder)), p.read_bytes()) for p in files]
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
-        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
+        # null in the JSON report (NaN is not JSON): every job failed.
+        return {"p50": None, "p95": None, "p99": None}
     array = np.asarray(values)
     return {f"p{q}": round(float(np.percentile(array, q)), 2) for q in (50, 95, 99)}
 
@@ -407,15 +408,21 @@ def render(report: dict) -> Table:
         (f"fleet {report['units']}/s", report["units_per_s"]),
         ("baseline throughput (jobs/s)", report["baseline_per_s"]),
         ("ratio_to_baseline", report["ratio_to_baseline"]),
-        ("latency p50 / p95 / p99 (ms)", " / ".join(str(report["latency_ms"][k]) for k in ("p50", "p95", "p99"))),
+        ("latency p50 / p95 / p99 (ms)", " / ".join(_shown(report["latency_ms"][k]) for k in ("p50", "p95", "p99"))),
         ("queue overhead p50 (ms): dispatch + return", report["overhead_ms_p50"]),
         ("waiting for a free process p50 (ms)", report["fleet"]["waiting_ms"]["p50"]),
         ("redis bytes in per job / payload", report["wire"]["ratio_to_payload"]),
         ("failed jobs: fleet / baseline", f"{report['fleet']['failed']} / {report['baseline']['failed']}"),
     ]
+    if report["fleet"]["errors"]:
+        rows.append(("fleet errors", ", ".join(report["fleet"]["errors"])))
     for name, value in rows:
-        table.add_row(name, str(value))
+        table.add_row(name, _shown(value))
     return table
+
+
+def _shown(value) -> str:
+    return "-" if value is None else str(value)
 
 
 def chart(reports: list[dict], path: Path) -> None:

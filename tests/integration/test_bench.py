@@ -62,6 +62,7 @@ def test_bad_inputs_fail_alone_and_count_alike_on_both_sides(fleet, fleet_env, d
     # Six jobs cycle through three inputs: the two random_bytes.jpg jobs fail, on each side.
     assert report["fleet"]["failed"] == report["baseline"]["failed"] == 2
     assert report["fleet"]["errors"] == ["InvalidInput"]
+    assert "InvalidInput" in completed.stdout
     # Throughput counts the jobs that succeeded, on both sides alike.
     for side in (report["fleet"], report["baseline"]):
         assert side["throughput_per_s"] == pytest.approx(4 / side["wall_s"], rel=0.01)
