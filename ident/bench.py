@@ -498,4 +498,4 @@ def run(args) -> int:
         args.json_path.write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     if args.chart:
         chart(reports, args.chart)
-    return 0 if all(r["fleet"]["failed"] == 0 for r in reports) else 1
+    return 0 if all(r["fleet"]["failed"] == 0 == r["baseline"]["failed"] for r in reports) else 1
