@@ -188,8 +188,8 @@ def model_path(spec: ModelSpec, models_dir: Path) -> Path:
     return path
 
 
-def open_session(spec: ModelSpec, models_dir: Path, plan: DevicePlan, threads: int) -> ModelSession:
-    """Create, check and warm one model's session."""
+def checked_model_file(spec: ModelSpec, models_dir: Path) -> tuple[Path, str]:
+    """The model's file and its sha256; refused when it is missing or not the file the catalog pins."""
     path = model_path(spec, models_dir)
     sha256 = file_sha256(path)
     if spec.sha256 is not None and sha256 != spec.sha256:
@@ -197,6 +197,12 @@ def open_session(spec: ModelSpec, models_dir: Path, plan: DevicePlan, threads: i
             f"{path} has sha256 {sha256}, but the catalog pins {spec.sha256} for {spec.key}: the "
             "file is corrupt or a different model; fetch it again with `ident models fetch`"
         )
+    return path, sha256
+
+
+def open_session(spec: ModelSpec, models_dir: Path, plan: DevicePlan, threads: int) -> ModelSession:
+    """Create, check and warm one model's session."""
+    path, sha256 = checked_model_file(spec, models_dir)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads

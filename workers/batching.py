@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from billiard.exceptions import WorkerLostError
 from celery import signals
+from celery.exceptions import Reject
 from celery.utils.imports import symbol_by_name
 from celery.worker.request import create_request_cls
 from celery.worker.state import task_accepted, task_ready, task_reserved
@@ -77,10 +78,11 @@ def batching_strategy(task, app, consumer, **kwargs):
             # billiard hands over an ExceptionInfo or an ExceptionWithTraceback.
             exception = getattr(exc_info, "exception", exc_info)
             exception = getattr(exception, "exc", exception)
-            if isinstance(exception, WorkerLostError):
-                # The pool process died or was killed mid-batch: put every job
-                # back at once so that another process runs it (each delivery is
-                # counted, so a batch that kills its process every time ends).
+            if isinstance(exception, (WorkerLostError, Reject)):
+                # The pool process died or was killed mid-batch, or could not
+                # load its models: put every job back at once so that another
+                # process runs it (each delivery is counted, so a batch that
+                # kills its process every time ends).
                 log.warning("a batch of %d %s jobs lost its pool process; requeueing them",
                             len(requests), task.name)
                 for request in requests:

@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import tempfile
 import time
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from celery import Celery, Task, signals
+from celery.exceptions import Reject
+from celery.platforms import EX_FAILURE
 from celery.utils.log import current_process_index
 from celery.worker.control import inspect_command
 
@@ -64,6 +67,8 @@ _runtime: "WorkerRuntime | None" = None
 # The running jobs' payloads, fetched with their delivery count (see jobkeys).
 _fetched_payloads: dict = {}
 _pipeline_factories: dict[str, Callable[..., Any]] = {}
+# Why this pool process could not load its models; it then serves nothing.
+_load_failure: IdentError | None = None
 
 
 class WorkerRuntime:
@@ -91,10 +96,7 @@ class WorkerRuntime:
         if settings.device == "cuda":
             on_cpu = [s.spec.key for s in self.sessions.values() if s.device != "CUDA"]
             if on_cpu:
-                raise DeviceUnavailable(
-                    f"IDENT_DEVICE=cuda but {', '.join(on_cpu)} run on CPU: "
-                    f"{next(iter(self.sessions.values())).cpu_reason}"
-                )
+                raise DeviceUnavailable(f"IDENT_DEVICE=cuda but {', '.join(on_cpu)} run on CPU: {self.message()}")
         self.pipeline = _pipeline_factories[kind](self.sessions, self.specs, settings)
         self.load_ms = round((time.perf_counter() - started) * 1000.0, 1)
         self.jobs = 0
@@ -203,6 +205,7 @@ class FleetTask(Task):
     Request = "workers.logsafety:SafeRequest"
 
     def __call__(self, *args, **kwargs):
+        refuse_without_models()
         current_runtime().job_started_at = time.time()
         with self.delivery(self.request.id, args, kwargs):
             return super().__call__(*args, **kwargs)
@@ -286,6 +289,7 @@ class AnalyzeTask(FleetTask):
 
     def run_many(self, items) -> list:
         """Each job's result or its own exception, the models run once for all of them."""
+        refuse_without_models()
         runtime = current_runtime()
         runtime.job_started_at = time.time()
         outcomes: list = [None] * len(items)
@@ -303,6 +307,16 @@ class AnalyzeTask(FleetTask):
             for slot, result in zip(slots, runtime.pipeline.analyze_many(payloads, options)):
                 outcomes[slot] = result if isinstance(result, BaseException) else runtime.finish(result)
         return outcomes
+
+
+def refuse_without_models() -> None:
+    """Put a job back on its queue, uncounted, if this process could not load its models.
+
+    The worker is already stopping (see ``_on_process_init``); another worker,
+    or this one restarted once the operator has fixed it, runs the job.
+    """
+    if _load_failure is not None:
+        raise Reject(f"this pool process could not load its models: {_load_failure}", requeue=True)
 
 
 def through_redis_outage(operation: Callable[[], Any], what: str, patience: float = 60.0) -> Any:
@@ -378,6 +392,9 @@ def options_dict(value: Any) -> dict:
 def status_dir(hostname: str | None = None) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.@-]", "_", hostname or _identity.hostname)
     return Path(tempfile.gettempdir()) / f"identification-{os.getuid()}" / safe
+
+
+FAILED = "failed"
 
 
 def write_status_file(status: dict) -> None:
@@ -481,10 +498,10 @@ def _on_worker_setup(sender, instance, conf, **kwargs) -> None:
 def _preflight(kind: str, settings: Settings) -> None:
     """Refuse to start a worker that cannot serve, with the reason."""
     from models.catalog import selected_models
-    from models.runtime import model_path
+    from models.runtime import checked_model_file
 
     for spec in selected_models(settings, kind).values():
-        model_path(spec, settings.models_dir)
+        checked_model_file(spec, settings.models_dir)
     if settings.device == "cuda":
         # Probed in a throw-away process: initialising CUDA in the parent
         # before the pool forks would break CUDA in every child.
@@ -503,9 +520,18 @@ def _cuda_reason(device_id: int) -> str | None:
 
 @signals.worker_process_init.connect
 def _on_process_init(**kwargs) -> None:
+    global _load_failure
     if _identity.kind is None:
         return
-    runtime = current_runtime()
+    try:
+        runtime = current_runtime()
+    except IdentError as exc:
+        # Celery would log this and let the process take jobs that can only
+        # fail. The pre-start checks catch most causes; this is what they cannot
+        # see (a model ONNX Runtime cannot load, a GPU that refuses one).
+        _load_failure = exc
+        _stop_the_worker(exc)
+        return
     # Everything alive now (modules, sessions, the pipeline) lives as long as
     # the process: moved out of the collector's sight, a full collection
     # after a failed job costs well under a millisecond instead of ~35 ms.
@@ -547,11 +573,38 @@ def forget_unstored(task, task_id: str | None) -> None:
             _forget(backend.client, list(keys))
 
 
+def _stop_the_worker(exc: IdentError) -> None:
+    """Say why this pool process cannot serve, and ask its worker for a warm shutdown."""
+    write_status_file({
+        "hostname": _identity.hostname,
+        "pid": os.getpid(),
+        "queue": _identity.kind,
+        "state": FAILED,
+        "device": None,
+        "message": f"{type(exc).__name__}: {exc}",
+    })
+    log.critical("a %s pool process could not load its models, so the worker stops; its jobs stay queued. %s: %s",
+                 _identity.kind, type(exc).__name__, exc)
+    os.kill(os.getppid(), signal.SIGTERM)
+
+
 @signals.worker_process_shutdown.connect
 def _on_process_shutdown(pid=None, **kwargs) -> None:
-    if _identity.kind is None:
-        return
+    if _identity.kind is None or _load_failure is not None:
+        return  # a failed process's status stays, for the worker's exit status
     (status_dir() / f"{pid or os.getpid()}.json").unlink(missing_ok=True)
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(sender=None, **kwargs) -> None:
+    """A worker stopped by a pool process that could not load its models exits with 1, not 0."""
+    if _identity.kind is None or sender is None:
+        return
+    for path in status_dir().glob("*.json"):
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            if json.loads(path.read_text()).get("state") == FAILED:
+                sender.exitcode = EX_FAILURE
+                return
 
 
 signals.after_setup_logger.connect(logsafety.install)

@@ -11,8 +11,11 @@ import textwrap
 
 import pytest
 
+from ident.fleet import EmbeddedRedis
+from models.catalog import get_spec
 from models.rewrite import cpu_prelu_is_slow
 from tests.conftest import driver_present
+from tests.integration.fleetkit import Fleet, make_env
 from workers.allocator import operator_configured
 
 pytestmark = pytest.mark.integration
@@ -120,8 +123,58 @@ def test_a_client_that_imports_nothing_from_the_repo(fleet, fleet_env, tmp_path)
 def test_a_worker_that_cannot_serve_refuses_to_start(fleet_env, env, expected):
     if "IDENT_DEVICE" in env and env["IDENT_DEVICE"] == "cuda" and driver_present():
         pytest.skip("this host has CUDA")
-    command = [sys.executable, "-m", "celery", "-A", "workers.vision", "worker", "-Q", "vision", "-c", "1",
-               "-n", "refuses@itest"]
-    completed = subprocess.run(command, env={**fleet_env, **env}, capture_output=True, text=True, timeout=120)
+    completed = _run_vision_worker({**fleet_env, **env}, "refuses@itest")
     assert completed.returncode != 0
     assert expected in completed.stdout + completed.stderr
+
+
+def test_a_model_file_that_is_not_the_pinned_one_stops_the_worker_before_it_starts(fleet_env, models_path, tmp_path):
+    models = linked_models(models_path, tmp_path)
+    pinned = get_spec("arcface_mobilefacenet")
+    (models / pinned.filename).unlink()
+    (models / pinned.filename).write_bytes((models_path / pinned.filename).read_bytes()[:-1000])
+    completed = _run_vision_worker({**fleet_env, "IDENT_MODELS_DIR": str(models)}, "corrupt@itest")
+    assert completed.returncode != 0
+    said = completed.stdout + completed.stderr
+    assert "the vision worker refused to start" in said and f"the catalog pins {pinned.sha256}" in said
+    assert "ForkPoolWorker" not in said, "refused in the main process, before any pool process started"
+
+
+def test_a_pool_process_that_cannot_load_its_models_stops_the_worker_and_no_job_is_lost(models_path, data_path,
+                                                                                      tmp_path):
+    # An unpinned model passes the pre-start checks (its file exists); only
+    # ONNX Runtime, in the pool process, finds that it cannot read it.
+    unpinned = get_spec("arcface_w600k_mbf")
+    assert unpinned.sha256 is None
+    models = linked_models(models_path, tmp_path)
+    (models / unpinned.filename).unlink(missing_ok=True)
+    (models / unpinned.filename).write_bytes(b"not an ONNX model " * 200)
+    redis = EmbeddedRedis().start()
+    fleet = Fleet(redis, make_env(redis, models_path), tmp_path)
+    try:
+        job = fleet.client.analyze_image((data_path / "images" / "multi_face" / "two_people.jpg").read_bytes())
+        broken = fleet.start("vision", "broken@itest", concurrency=2, wait=False,
+                             env=make_env(redis, models, face_embedding_model=unpinned.key))
+        assert broken.process.wait(timeout=120) != 0, "a worker that cannot serve exits with a failure status"
+        said = broken.log_path.read_text(errors="replace")
+        assert "could not load its models, so the worker stops" in said and unpinned.filename in said
+        assert not job.ready(), "the job was neither run nor failed by the broken worker"
+        fleet.start("vision", "healthy@itest")
+        assert len(job.get(timeout=60)["faces"]) == 2
+    finally:
+        fleet.stop_all()
+        redis.cleanup()
+
+
+def linked_models(models_path, tmp_path):
+    """A models folder of links to the real files, for a test to replace one."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for source in models_path.iterdir():
+        (models / source.name).symlink_to(source)
+    return models
+
+
+def _run_vision_worker(env: dict[str, str], name: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "celery", "-A", "workers.vision", "worker", "-Q", "vision", "-c", "1", "-n", name]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
