@@ -11,7 +11,8 @@ Each scenario kills real processes the way production loses them:
 * a job that kills its process on every delivery fails with PoisonMessage
   after IDENT_MAX_DELIVERIES deliveries instead of looping forever;
 * Redis restarted with its append-only file: producers and workers
-  reconnect, jobs queued before the restart are answered after it;
+  reconnect, jobs queued before the restart are answered after it (all but,
+  at most, the one Redis was handing over as it stopped);
 * a job waiting in a pool process's pipe (the default prefetch, see
   workers/prefork.py) is run once, whether its worker is stopped with SIGTERM
   or its process is SIGKILLed.
@@ -281,7 +282,29 @@ def test_sixty_jobs_survive_a_killed_process_and_a_killed_worker(both_up, photos
     assert time.monotonic() - started < VISIBILITY_TIMEOUT + 150
 
 
-def test_redis_restart_with_aof_loses_nothing(models_path, tmp_path_factory, photos):
+# Past the restart's visibility timeout (10 s) and the unacked sweep (every 1 s
+# at that timeout): a job still unanswered this long after the last answer is
+# in no queue and no unacked record.
+RESTART_SETTLE_S = 25
+
+
+def wait_for_answers(jobs, settle: float, timeout: float) -> list[str]:
+    """The ids of ``jobs`` still unanswered once all are, or none has been for ``settle`` s."""
+    deadline = time.monotonic() + timeout
+    answered, last_answer = 0, time.monotonic()
+    while time.monotonic() < deadline:
+        pending = [job.id for job in jobs if not job.ready()]
+        if not pending:
+            return []
+        if len(jobs) - len(pending) > answered:
+            answered, last_answer = len(jobs) - len(pending), time.monotonic()
+        elif time.monotonic() - last_answer > settle:
+            return pending
+        time.sleep(0.2)
+    return [job.id for job in jobs if not job.ready()]
+
+
+def test_redis_restart_with_aof_loses_at_most_the_job_being_handed_over(models_path, tmp_path_factory, photos):
     redis = EmbeddedRedis(appendonly=True).start()
     env = make_env(redis, models_path, visibility_timeout=10, task_soft_time_limit=8, task_time_limit=9,
                    prefetch_multiplier=1, cpu_threads=1)
@@ -298,12 +321,19 @@ def test_redis_restart_with_aof_loses_nothing(models_path, tmp_path_factory, pho
         assert fleet.backend.ping()
         assert queued > 0, "every job was taken before the restart; nothing was tested"
 
-        failures = []
-        for job in before:
-            ok, value = outcome(job, timeout=120)
-            if not ok:
-                failures.append(f"{type(value).__name__}: {value}")
+        unanswered = wait_for_answers(before, settle=RESTART_SETTLE_S, timeout=120)
+        failures = [f"{type(v).__name__}: {v}" for ok, v in (outcome(j, timeout=1) for j in before if j.ready()) if not ok]
         assert not failures, failures
+        # Redis removes a job from its queue as it hands it to the worker; if it
+        # stops in that instant, the reply carrying the job is never sent
+        # (docs/security.md, "Redis restarts"). That job, and only that one, may
+        # be gone: never received by the worker, nor left for redelivery.
+        assert len(unanswered) <= 1, f"{len(unanswered)} jobs lost: {unanswered}"
+        worker_log = worker.log_path.read_text(errors="replace")
+        held_for_redelivery = b"".join(fleet.backend.hvals("unacked"))
+        for job_id in unanswered:
+            assert job_id not in worker_log, f"job {job_id} reached the worker and was then lost"
+            assert job_id.encode() not in held_for_redelivery, f"job {job_id} waits for redelivery"
         after = [fleet.client.analyze_image(photos[i % len(photos)]) for i in range(5)]
         for job in after:
             assert "faces" in job.get(timeout=60)
