@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -41,8 +40,9 @@ ANSWER_TIMEOUT_S = 300
 
 
 def default_inputs_dir(kind: str) -> Path:
-    shared = Path(os.environ.get("IDENT_SHARED_DIR", Path(__file__).resolve().parent.parent.parent / "shared"))
-    return Path(os.environ.get("IDENT_DATA_DIR", shared / "data")) / DATA_FOLDERS[kind]
+    from tasks.settings import load_settings
+
+    return load_settings().data_dir / DATA_FOLDERS[kind]
 
 
 def load_inputs(kind: str, folder: Path | None) -> list[tuple[str, bytes]]:
@@ -57,6 +57,9 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         # null in the JSON report (NaN is not JSON): every job failed.
         return {"p50": None, "p95": None, "p99": None}
+    # Here, not at the top: `ident` also serves producers, which install no numpy.
+    import numpy as np
+
     array = np.asarray(values)
     return {f"p{q}": round(float(np.percentile(array, q)), 2) for q in (50, 95, 99)}
 
@@ -356,7 +359,7 @@ def bench(kind: str, jobs: int, concurrency: int, batch: int, inputs_dir: Path |
     """
     inputs = load_inputs(kind, inputs_dir)
     shape = fleet_shape(kind)
-    payload_mean = float(np.mean([len(inputs[i % len(inputs)][1]) for i in range(jobs)]))
+    payload_mean = sum(len(inputs[i % len(inputs)][1]) for i in range(jobs)) / jobs
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     if warm_jobs is None:
         warm_jobs = jobs

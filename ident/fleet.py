@@ -18,10 +18,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasks.errors import IdentError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class FleetError(RuntimeError):
+class FleetError(IdentError):
     """The local fleet could not be started; the message says which part and why."""
 
 
@@ -85,6 +87,7 @@ class EmbeddedRedis:
                     return self
             except OSError:
                 time.sleep(0.05)
+        self.stop(kill=True)
         raise FleetError(f"redis-server did not listen on port {self.port} within 10 s")
 
     def stop(self, kill: bool = False) -> None:

@@ -16,15 +16,6 @@ from typing import Any, Mapping
 
 from tasks.errors import ConfigurationError
 
-ROLES = (
-    "face_detection",
-    "face_embedding",
-    "liveness",
-    "vad",
-    "spoof",
-    "speaker_embedding",
-)
-
 ARCFACE_TEMPLATE_112 = (
     (38.2946, 51.6963),
     (73.5318, 51.5014),

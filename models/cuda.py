@@ -179,6 +179,12 @@ def explain_cpu_fallback(facts: CudaFacts, device_id: int = 0) -> str | None:
                 f"driver supports CUDA {format_cuda_version(facts.driver_cuda_version)}: upgrade the "
                 f"NVIDIA driver, or install the onnxruntime-gpu release built for CUDA {driver_major}"
             )
+    if facts.cu_init_result == CUDA_ERROR_INSUFFICIENT_DRIVER:
+        return (
+            "the NVIDIA kernel module is older than the driver library libcuda.so.1 (cuInit: "
+            "CUDA_ERROR_INSUFFICIENT_DRIVER): after a driver update, reboot or reload the nvidia module; "
+            "in a container, the CUDA forward-compatibility libraries need a newer host driver"
+        )
     if facts.cu_init_result not in (None, CUDA_SUCCESS):
         return f"the NVIDIA driver failed to initialise (cuInit returned CUresult {facts.cu_init_result})"
     if facts.provider_library_error:

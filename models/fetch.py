@@ -8,6 +8,7 @@ download leaves nothing behind.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import urllib.request
 from dataclasses import dataclass
@@ -136,7 +137,20 @@ def _blocks(spec: ModelSpec, source: str | None, progress: Progress | None):
         raise ModelUnavailable(f"cannot download {url}: {exc}") from exc
     with response:
         length = response.headers.get("Content-Length")
-        yield from _reading(response, int(length) if length else spec.size_bytes, progress)
+        promised = int(length) if length else None
+        received = 0
+        # A dropped connection or a timeout mid-body; fetch_one discards the partial file.
+        try:
+            for block in _reading(response, promised or spec.size_bytes, progress):
+                received += len(block)
+                yield block
+        except (OSError, http.client.HTTPException) as exc:
+            raise ModelUnavailable(f"the download of {url} broke off: {exc!r}; run the command again") from exc
+        if promised is not None and received < promised:
+            # http.client ends a read short, without an error, when the server hangs up early.
+            raise ModelUnavailable(
+                f"the download of {url} broke off after {received} of {promised} bytes; run the command again"
+            )
 
 
 def _reading(handle, total: int | None, progress: Progress | None):

@@ -16,7 +16,6 @@ import hashlib
 import logging
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -151,9 +150,6 @@ class ModelSession:
     def get_inputs(self):
         return self._session.get_inputs()
 
-    def get_outputs(self):
-        return self._session.get_outputs()
-
     @property
     def device(self) -> str:
         return "CUDA" if self.provider == CUDA_EP else "CPU"
@@ -238,12 +234,10 @@ def _create_session(
     return session, ort_messages
 
 
-def warm_up(model: ModelSession) -> float:
+def warm_up(model: ModelSession) -> None:
     """One run on dummy input so that the first real job does not pay for
     lazy initialisation (memory arenas, cuDNN algorithm search)."""
-    started = time.perf_counter()
     model.run(None, warmup_feed(model))
-    return (time.perf_counter() - started) * 1000.0
 
 
 def warmup_feed(model: ModelSession) -> dict[str, np.ndarray]:

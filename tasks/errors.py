@@ -21,7 +21,7 @@ class InvalidInput(IdentError):
 
 
 class LimitExceeded(InvalidInput):
-    """The payload is over a configured limit (bytes, pixels, seconds, faces).
+    """The payload is over a configured limit (bytes, pixels, seconds).
 
     The message names the ``IDENT_*`` variable and by how much it was exceeded.
     """

@@ -7,6 +7,7 @@ are explained here where the reason is not obvious.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,6 +22,11 @@ DEVICES = ("auto", "cuda", "cpu")
 def _default_models_dir() -> Path:
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "identification" / "models"
+
+
+def _default_data_dir() -> Path:
+    # ../shared/data beside a checkout of this repository.
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def _parse_bool(text: str) -> bool:
@@ -104,6 +110,11 @@ class Settings:
     # A worker process loads and warms every model before taking jobs; Celery's
     # default allows 4 s for that, too little for a cold disk or a GPU.
     process_init_timeout: float = 120.0
+    # The sample photos and recordings `ident demo` sends and `ident bench` cycles through.
+    data_dir: Path = field(default_factory=_default_data_dir)
+    # Flower's basic auth for `ident up --flower`, user:password; a user alone
+    # gets a random password, printed at start.
+    flower_auth: str = "admin"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -141,6 +152,8 @@ class Settings:
             "max_batch": int,
             "max_wait_ms": float,
             "process_init_timeout": float,
+            "data_dir": lambda v: Path(v).expanduser(),
+            "flower_auth": str,
         }
         values = {}
         for f in fields(cls):
@@ -169,11 +182,26 @@ class Settings:
                 f"({self.task_soft_time_limit} >= {self.task_time_limit})"
             )
         for name in ("max_payload_bytes", "max_pixels", "max_faces", "max_batch", "max_deliveries",
-                     "prefetch_multiplier"):
+                     "prefetch_multiplier", "result_expires", "visibility_timeout", "task_soft_time_limit",
+                     "det_top_k"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{env_name(name)} must be at least 1")
-        if self.max_audio_seconds <= 0:
-            raise ConfigurationError("IDENT_MAX_AUDIO_SECONDS must be positive")
+        for name in ("cpu_threads", "payload_ref_bytes", "max_wait_ms"):
+            if not getattr(self, name) >= 0:
+                raise ConfigurationError(f"{env_name(name)} must be 0 or more")
+        for name in ("max_audio_seconds", "process_init_timeout"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigurationError(f"{env_name(name)} must be a positive number")
+        if any(gpu < 0 for gpu in self.gpu_ids):
+            raise ConfigurationError(f"IDENT_GPU_IDS={self.gpu_ids} holds a negative index: GPUs count from 0")
+        # NaN passes float() and then fails every comparison: a verdict that is always False.
+        for name, low, high in (("det_score_threshold", 0, 1), ("det_nms_iou", 0, 1), ("liveness_threshold", 0, 1),
+                                ("face_match_threshold", -1, 1), ("speaker_match_threshold", -1, 1),
+                                ("spoof_threshold", -math.inf, math.inf)):
+            value = getattr(self, name)
+            if value is not None and not (low <= value <= high and math.isfinite(value)):
+                span = "a finite number" if math.isinf(low) else f"between {low} and {high}"
+                raise ConfigurationError(f"{env_name(name)}={value} is not valid: it must be {span}")
 
 
     def warnings(self) -> list[str]:

@@ -41,6 +41,8 @@ from tasks.app import make_app
 from tasks.contract import (
     CPU_EP_NAME,
     CUDA_EP_NAME,
+    DEVICE_FIELD,
+    EXECUTION_PROVIDER_FIELD,
     MODEL_STATUS_COMMAND,
     PAYLOAD_KEY_PREFIX,
     PAYLOAD_REF_FIELD,
@@ -130,8 +132,8 @@ class WorkerRuntime:
             "queue": self.kind,
             "process_index": self.process_index,
             "state": "ready",
-            "device": device,
-            "execution_provider": provider,
+            DEVICE_FIELD: device,
+            EXECUTION_PROVIDER_FIELD: provider,
             "message": self.message(),
             "onnxruntime": ort.__version__,
             "available_providers": ort.get_available_providers(),
@@ -145,8 +147,8 @@ class WorkerRuntime:
         """Add the provider fields every result carries, and republish status if it changed."""
         self.jobs += 1
         provider, device, models = self.providers()
-        result["execution_provider"] = provider
-        result["device"] = device
+        result[EXECUTION_PROVIDER_FIELD] = provider
+        result[DEVICE_FIELD] = device
         result["models"] = models
         # Wall-clock stamps let a caller tell time spent queued from time spent
         # in transport (ident bench does); they identify no person.

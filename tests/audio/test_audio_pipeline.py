@@ -139,3 +139,21 @@ def test_speech_audio_concatenates_segments():
     out = speech_audio(wave, [(0.0, 0.1), (0.5, 0.6)])
     np.testing.assert_array_equal(out, np.concatenate([wave[:1600], wave[8000:9600]]))
     assert speech_audio(wave, []).shape == (0,)
+
+
+def test_a_decoder_bug_fails_its_own_payload_with_a_contract_error(audio_pipeline, data_path, monkeypatch):
+    from workers.audio import pipeline as audio_module
+
+    good = (data_path / "audio/speakers/fsdd_george_02.wav").read_bytes()
+    real_decode = audio_module.decode
+
+    def decode_with_a_bug(payload, max_seconds):
+        if payload.startswith(b"trigger"):
+            raise IndexError("a bug in the decoder")
+        return real_decode(payload, max_seconds)
+
+    monkeypatch.setattr(audio_module, "decode", decode_with_a_bug)
+    out = audio_pipeline.analyze_many([b"trigger the bug", good])
+    # A producer gets a type from the contract's error table, not the worker's internal one.
+    assert type(out[0]) is InvalidInput and "IndexError" in str(out[0])
+    assert isinstance(out[1], dict) and out[1]["embedding"] is not None

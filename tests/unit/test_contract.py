@@ -70,6 +70,7 @@ def test_a_prefetch_that_could_outlast_the_visibility_timeout_is_reported():
 def test_producer_side_imports_nothing_heavy():
     code = (
         "import sys, tasks.client, tasks.app, tasks.contract, tasks.errors, tasks.settings, tasks.transport\n"
+        "import ident.cli  # the `ident` command comes with the producer's install\n"
         "heavy = [m for m in ('onnxruntime', 'cv2', 'numpy', 'soundfile') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -96,3 +97,31 @@ def test_cli_without_redis_says_so_instead_of_a_traceback(tmp_path):
     assert completed.returncode == 2
     assert "cannot reach Redis at redis://**@127.0.0.1:1/0" in completed.stderr
     assert "Traceback" not in completed.stderr and "secret" not in completed.stderr
+
+
+def test_submit_draws_one_image_and_says_so_before_sending_anything(tmp_path):
+    import os
+
+    photos = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    for photo in photos:
+        photo.write_bytes(b"\xff\xd8\xff\xe0 not much of a photo")
+    drawn = tmp_path / "drawn.png"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDENT_")}
+    env["IDENT_REDIS_URL"] = "redis://127.0.0.1:1/0"  # nothing listens: it must fail before sending
+    completed = subprocess.run([sys.executable, "-m", "ident.cli", "submit", *map(str, photos), "--draw", str(drawn)],
+                               cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2
+    assert "--draw draws the faces found in one image" in completed.stderr
+    assert "cannot reach Redis" not in completed.stderr and not drawn.exists()
+
+
+def test_demo_without_its_sample_files_says_where_it_looked(tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDENT_")}
+    env["IDENT_DATA_DIR"] = str(tmp_path)
+    completed = subprocess.run([sys.executable, "-m", "ident.cli", "demo"], cwd=REPO_ROOT, env=env,
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2
+    said = " ".join(completed.stderr.split())  # rich wraps long lines
+    assert "sample files are not there" in said and "IDENT_DATA_DIR" in said and "embedded redis" not in said

@@ -85,6 +85,16 @@ def test_driver_present_but_no_device():
     assert "no CUDA device" in explain_cpu_fallback(healthy(cu_init_result=100, device_count=0))
 
 
+def test_kernel_module_older_than_the_driver_library():
+    # A driver updated without a reboot: cuInit fails before any device is counted.
+    reason = explain_cpu_fallback(healthy(cu_init_result=35, device_count=None))
+    assert "CUDA_ERROR_INSUFFICIENT_DRIVER" in reason and "reboot" in reason
+
+
+def test_an_unknown_cuinit_failure_gives_its_code():
+    assert "CUresult 999" in explain_cpu_fallback(healthy(cu_init_result=999, device_count=None))
+
+
 def test_version_formatting():
     assert format_cuda_version(12040) == "12.4"
     assert format_cuda_version(13000) == "13.0"

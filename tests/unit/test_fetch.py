@@ -58,3 +58,28 @@ def test_converted_models_need_a_mirror(tmp_path):
 def test_unpinned_models_are_never_fetched(tmp_path):
     with pytest.raises(ModelUnavailable, match="no sha256 is pinned"):
         fetch_one(CATALOG["arcface_w600k_mbf"], tmp_path)
+
+
+class _BrokenOffHandler(http.server.BaseHTTPRequestHandler):
+    """Promises the whole file, sends a tenth of it, and hangs up."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(SPEC.size_bytes))
+        self.end_headers()
+        self.wfile.write(b"\0" * (SPEC.size_bytes // 10))
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_download_that_breaks_off_is_a_typed_error_and_keeps_nothing(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BrokenOffHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ModelUnavailable, match="broke off"):
+            fetch_one(SPEC, tmp_path, f"http://127.0.0.1:{server.server_address[1]}/")
+    finally:
+        server.shutdown()
+    assert list(tmp_path.iterdir()) == []

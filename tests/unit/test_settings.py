@@ -1,9 +1,13 @@
+import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from tasks.errors import ConfigurationError
-from tasks.settings import Settings
+from tasks.settings import Settings, env_name
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_defaults():
@@ -42,6 +46,15 @@ def test_environment_overrides():
         ({"IDENT_MAX_PIXELS": "0"}, "IDENT_MAX_PIXELS must be at least 1"),
         ({"IDENT_TASK_SOFT_TIME_LIMIT": "300"}, "IDENT_TASK_SOFT_TIME_LIMIT must be below"),
         ({"IDENT_LIVENESS_ENSEMBLE": "maybe"}, "IDENT_LIVENESS_ENSEMBLE"),
+        # Values that parse but cannot work: results with no expiry, verdicts that are always False.
+        ({"IDENT_RESULT_EXPIRES": "0"}, "IDENT_RESULT_EXPIRES must be at least 1"),
+        ({"IDENT_FACE_MATCH_THRESHOLD": "nan"}, "IDENT_FACE_MATCH_THRESHOLD=nan is not valid"),
+        ({"IDENT_LIVENESS_THRESHOLD": "1.5"}, "IDENT_LIVENESS_THRESHOLD=1.5 is not valid"),
+        ({"IDENT_SPOOF_THRESHOLD": "-inf"}, "IDENT_SPOOF_THRESHOLD=-inf is not valid"),
+        ({"IDENT_CPU_THREADS": "-2"}, "IDENT_CPU_THREADS must be 0 or more"),
+        ({"IDENT_MAX_WAIT_MS": "-5"}, "IDENT_MAX_WAIT_MS must be 0 or more"),
+        ({"IDENT_MAX_AUDIO_SECONDS": "nan"}, "IDENT_MAX_AUDIO_SECONDS must be a positive number"),
+        ({"IDENT_GPU_IDS": "0,-1"}, "IDENT_GPU_IDS=.* negative"),
     ],
 )
 def test_bad_values_are_named(env, message):
@@ -53,3 +66,11 @@ def test_short_visibility_timeout_is_allowed_with_a_warning():
     settings = Settings.from_env({"IDENT_VISIBILITY_TIMEOUT": "15"})
     assert settings.visibility_timeout == 15
     assert "handed to a second worker" in settings.warnings()[0]
+
+
+def test_the_readme_documents_every_variable_and_no_other():
+    section = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`(IDENT_[A-Z_]+)`", section))
+    read = {env_name(f.name) for f in fields(Settings)}
+    assert read - documented == set(), "read from the environment but not in the README's table"
+    assert documented - read == set(), "in the README's table but read by nothing"

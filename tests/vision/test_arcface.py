@@ -9,7 +9,7 @@ from face_pairs import accuracy, auc, pair_scores
 from models.catalog import ARCFACE_TEMPLATE_112, get_spec
 from tasks.errors import InvalidInput
 from workers.vision.align import align_faces
-from workers.vision.arcface import ArcFace
+from workers.vision.arcface import ArcFace, arcface_blob, unit_rows
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +63,18 @@ def test_catalog_threshold_separates_the_pairs_with_margin(scores, pipeline):
     assert accuracy(scores, threshold) == 1.0
     # A threshold hugging either cloud would not survive new people.
     assert scores.different_scores.max() + 0.05 <= threshold <= scores.same_scores.min() - 0.05
+
+
+def test_the_blob_is_rgb_centred_and_channels_first():
+    face = np.zeros((1, 112, 112, 3), np.uint8)
+    face[..., 0] = 255  # blue, in OpenCV's BGR order
+    blob = arcface_blob(face, rgb=True, mean=127.5, std=127.5)
+    assert blob.shape == (1, 3, 112, 112) and blob.dtype == np.float32 and blob.flags.c_contiguous
+    np.testing.assert_allclose(blob[0, :, 0, 0], [-1.0, -1.0, 1.0])  # R, G, B
+    bgr = arcface_blob(face, rgb=False, mean=0.0, std=1.0)
+    np.testing.assert_allclose(bgr[0, :, 0, 0], [255.0, 0.0, 0.0])
+
+
+def test_unit_rows_leave_a_zero_row_zero():
+    out = unit_rows(np.array([[3.0, 4.0], [0.0, 0.0]], np.float32))
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])

@@ -138,7 +138,7 @@ class AudioPipeline:
                 results[i] = exc
             except Exception as exc:  # a decoder bug must not fail the other payloads
                 log.exception("audio payload %d failed to decode with an unexpected error", i)
-                results[i] = exc
+                results[i] = InvalidInput(f"the audio could not be decoded ({type(exc).__name__})")
         self._run_vad(jobs)
         self._run_spoof([j for j in jobs if j.options["spoof"] and j.speech is not None])
         embeddings = self._run_embedding([j for j in jobs if j.options["embed"] and j.speech is not None])

@@ -64,10 +64,20 @@ class ArcFace:
         return np.concatenate(chunks)
 
     def _run(self, faces: np.ndarray) -> np.ndarray:
-        blob = faces[..., ::-1] if self.rgb else faces
-        blob = ((blob.astype(np.float32) - self.mean) / self.std).transpose(0, 3, 1, 2)
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(blob)})[0]
+        blob = arcface_blob(faces, rgb=self.rgb, mean=self.mean, std=self.std)
+        out = self.session.run(None, {self.input_name: blob})[0]
         out = np.asarray(out, dtype=np.float32).reshape(faces.shape[0], -1)
         self.dim = out.shape[1]
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(norms, 1e-12)
+        return unit_rows(out)
+
+
+def arcface_blob(faces: np.ndarray, *, rgb: bool, mean: float, std: float) -> np.ndarray:
+    """(N, H, W, 3) uint8 BGR faces -> the model's (N, 3, H, W) float32 input."""
+    channels = faces[..., ::-1] if rgb else faces
+    return np.ascontiguousarray(((channels.astype(np.float32) - mean) / std).transpose(0, 3, 1, 2))
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row scaled to length 1 (an all-zero row stays zero), so a dot product is a cosine."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
