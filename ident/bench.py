@@ -485,7 +485,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=count(1), default=1, help="jobs per call in the baseline's analyze_many")
     parser.add_argument("--warmup", type=count(0), dest="warm_jobs",
                         help="untimed jobs on each side before timing (default: as many as --jobs)")
-    parser.add_argument("--inputs", type=Path, help="folder of input files (default: ../shared/data)")
+    parser.add_argument("--inputs", type=Path,
+                        help="folder of input files (default: IDENT_DATA_DIR's images/ or audio/)")
     parser.add_argument("--inline", action="store_true",
                         help="send every payload inside the message instead of by reference")
     parser.add_argument("--json", type=Path, dest="json_path", help="write the report here")
@@ -501,4 +502,5 @@ def run(args) -> int:
         args.json_path.write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     if args.chart:
         chart(reports, args.chart)
-    return 0 if all(r["fleet"]["failed"] == 0 == r["baseline"]["failed"] for r in reports) else 1
+    any_failed = any(r["fleet"]["failed"] or r["baseline"]["failed"] for r in reports)
+    return 1 if any_failed else 0

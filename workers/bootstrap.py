@@ -399,6 +399,12 @@ def status_dir(hostname: str | None = None) -> Path:
 FAILED = "failed"
 
 
+def status_without_models(pid: int, state: str, message: str) -> dict:
+    """The status of a pool process that has no runtime: still loading, or failed to load."""
+    return {"hostname": _identity.hostname, "pid": pid, "queue": _identity.kind, "state": state,
+            DEVICE_FIELD: None, "message": message}
+
+
 def write_status_file(status: dict) -> None:
     folder = status_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -412,14 +418,7 @@ def read_status_file(pid: int) -> dict:
     try:
         return json.loads((status_dir() / f"{pid}.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
-        return {
-            "hostname": _identity.hostname,
-            "pid": pid,
-            "queue": _identity.kind,
-            "state": "starting",
-            "device": None,
-            "message": "the process has not finished loading its models yet",
-        }
+        return status_without_models(pid, "starting", "the process has not finished loading its models yet")
 
 
 @inspect_command(name=MODEL_STATUS_COMMAND)
@@ -577,14 +576,7 @@ def forget_unstored(task, task_id: str | None) -> None:
 
 def _stop_the_worker(exc: IdentError) -> None:
     """Say why this pool process cannot serve, and ask its worker for a warm shutdown."""
-    write_status_file({
-        "hostname": _identity.hostname,
-        "pid": os.getpid(),
-        "queue": _identity.kind,
-        "state": FAILED,
-        "device": None,
-        "message": f"{type(exc).__name__}: {exc}",
-    })
+    write_status_file(status_without_models(os.getpid(), FAILED, f"{type(exc).__name__}: {exc}"))
     log.critical("a %s pool process could not load its models, so the worker stops; its jobs stay queued. %s: %s",
                  _identity.kind, type(exc).__name__, exc)
     os.kill(os.getppid(), signal.SIGTERM)
