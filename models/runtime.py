@@ -202,6 +202,11 @@ def open_session(spec: ModelSpec, models_dir: Path, plan: DevicePlan, threads: i
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
+    # A process runs its sessions one after another, each with its own intra-op
+    # threads. Left spinning after a run, those threads take the cores from the
+    # next session: a photo took 84 instead of 31 ms at two threads on two cores
+    # (docs/benchmarks.md, "Intra-op threads").
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     graph = for_cpu(path, ort.__version__) if plan.device_id is None else CpuGraph(str(path), ())

@@ -44,6 +44,14 @@ def test_every_shared_model_opens_warms_and_reports(models_path, key):
     assert session.runs == runs + 1 and session.provider == CPU_EP
 
 
+def test_idle_intra_op_threads_sleep_instead_of_spinning(models_path):
+    """A process runs its sessions in turn; a finished session's threads must give the cores back."""
+    session = open_session(CATALOG["minifasnet_v2"], models_path, CPU_ONLY, threads=2)
+    options = session._session.get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_a_missing_or_corrupt_model_is_named(tmp_path, models_path):
     spec = CATALOG["arcface_mobilefacenet"]
     with pytest.raises(ModelUnavailable, match="ident models fetch"):
