@@ -41,6 +41,15 @@ start_worker vision 2 IDENT_MAX_BATCH=8 IDENT_MAX_WAIT_MS=5
 bench --kind vision --jobs 160 --concurrency 16 --batch 8 --json "$OUT/vision-c16-batch8.json"
 stop_worker
 
+# One pool process owning both cores, two intra-op threads per session: where
+# batching has threads to fill on a CPU.
+start_worker vision 1 IDENT_CPU_THREADS=2
+bench --kind vision --jobs 160 --concurrency 16 --json "$OUT/vision-1x2threads-c16-batch1.json"
+stop_worker
+start_worker vision 1 IDENT_CPU_THREADS=2 IDENT_MAX_BATCH=8 IDENT_MAX_WAIT_MS=5
+bench --kind vision --jobs 160 --concurrency 16 --batch 8 --json "$OUT/vision-1x2threads-c16-batch8.json"
+stop_worker
+
 start_worker audio 2
 bench --kind audio --jobs 40 --concurrency 8 --json "$OUT/audio-c8.json"
 bench --kind audio --jobs 40 --concurrency 1,2,4,8 --json "$OUT/audio-sweep.json" --chart "$OUT/audio-sweep.png"
@@ -51,4 +60,5 @@ bench --kind audio --jobs 48 --concurrency 16 --batch 8 --json "$OUT/audio-c16-b
 stop_worker
 
 $PY scripts/stage_batching.py > "$OUT/stages.json"
+IDENT_CPU_THREADS=2 $PY scripts/stage_batching.py > "$OUT/stages-2threads.json"
 echo "reports in $OUT/"
