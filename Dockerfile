@@ -33,14 +33,17 @@ COPY . /src
 # onnxruntime-gpu that the worker extra and ORT_GPU_SPEC disagree on. The check
 # after it fails the build if the CPU-only onnxruntime slipped in beside
 # onnxruntime-gpu (they share one module and the CPU build wins) or the CUDA EP
-# is missing from the build.
-RUN pip install "/src[worker]" "${ORT_GPU_SPEC}" \
+# is missing from the build. Every other package is held at the version the
+# tests last passed with (constraints.txt); onnxruntime-gpu is left to
+# ORT_GPU_SPEC, so the CUDA 12 line stays one build argument away.
+RUN grep -v '^onnxruntime-gpu==' /src/constraints.txt >/tmp/constraints.txt \
+ && pip install -c /tmp/constraints.txt "/src[worker]" "${ORT_GPU_SPEC}" \
  && python -c "import importlib.metadata as m, onnxruntime as o; \
 names = {(d.metadata['Name'] or '').lower() for d in m.distributions()}; \
 assert 'onnxruntime' not in names, 'onnxruntime (CPU) is installed beside onnxruntime-gpu'; \
 assert 'CUDAExecutionProvider' in o.get_available_providers(), o.get_available_providers(); \
 print('onnxruntime-gpu', o.__version__, 'for CUDA', o.capi.build_and_package_info.cuda_version)" \
- && rm -rf /src
+ && rm -rf /src /tmp/constraints.txt
 
 RUN useradd --system --uid 10001 --create-home --home-dir /home/ident --shell /usr/sbin/nologin ident \
  && mkdir -p /models && chown ident /models

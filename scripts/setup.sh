@@ -19,10 +19,10 @@ if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
     exit 1
   fi
 fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
   touch "$stamp"
 fi
 

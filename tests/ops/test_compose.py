@@ -244,7 +244,7 @@ def test_dockerfile_runs_as_non_root_and_mounts_models():
     text = (REPO_ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM \S+", text, re.M)
     assert re.search(r"^USER (?!root|0\b)\S+", text, re.M)
-    assert 'pip install "/src[worker]" "${ORT_GPU_SPEC}"' in text
+    assert 'pip install -c /tmp/constraints.txt "/src[worker]" "${ORT_GPU_SPEC}"' in text
     assert ".onnx" not in "".join(l for l in text.splitlines() if l.startswith(("COPY", "ADD")))
     assert "*.onnx" in (REPO_ROOT / ".dockerignore").read_text()
 
