@@ -333,8 +333,13 @@ def cmd_demo(args) -> int:
             if status.get("message"):
                 console.print(f"  why not CUDA: {status['message']}")
         summary = Table(title="sample jobs")
-        for column in ("job", "file", "answer", "execution_provider", "ms"):
-            summary.add_column(column)
+        # On an 80-column terminal the file names fold and the answers wrap, so
+        # that the execution provider, the point of the demo, is never cut short.
+        summary.add_column("job", no_wrap=True)
+        summary.add_column("file", overflow="fold")
+        summary.add_column("answer")
+        summary.add_column("execution_provider", no_wrap=True)
+        summary.add_column("ms", justify="right", no_wrap=True)
         for kind, path in samples:
             started = time.perf_counter()
             result = client.analyze(kind, path.read_bytes()).get(timeout=120)

@@ -38,6 +38,8 @@ def test_demo_runs_samples_on_an_embedded_redis(models_path):
     assert "vision.get_status: device=" in completed.stdout and "audio.get_status: device=" in completed.stdout
     assert completed.stdout.count('"execution_provider"') >= 4
     assert "<128 floats>" in completed.stdout
+    # The summary table names each job's provider in full, even 80 columns wide.
+    assert len(re.findall(r"│ (?:CUDA|CPU)ExecutionProvider +│", completed.stdout)) == 4, completed.stdout[-2000:]
 
 
 def test_up_stops_everything_on_ctrl_c(models_path):
