@@ -82,8 +82,11 @@ def cmd_models(args) -> int:
     if args.action == "verify":
         checks = verify(specs, settings.models_dir)
         table = Table(title=f"models in {settings.models_dir}")
-        for column in ("model", "file", "role", "state"):
-            table.add_column(column)
+        # The file name is what an operator has to place: folded, never cut short.
+        table.add_column("model", no_wrap=True)
+        table.add_column("file", overflow="fold")
+        table.add_column("role", overflow="fold")
+        table.add_column("state", no_wrap=True)
         colour = {"ok": "green", "missing": "red", "mismatch": "red", "unpinned": "yellow"}
         for check in checks:
             table.add_row(check.spec.key, check.spec.filename, check.spec.role,

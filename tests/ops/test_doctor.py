@@ -768,6 +768,15 @@ def test_table_rendering_shows_every_check_and_the_verdict():
     assert "sm_61 (Pascal)" in text and report.verdict in " ".join(text.split())
 
 
+def test_table_on_an_80_column_terminal_cuts_nothing_short():
+    from rich.console import Console
+
+    report = build_report(mx230_laptop())
+    console = Console(record=True, width=80, color_system=None)
+    doctor.render(report, console)
+    assert "…" not in console.export_text()
+
+
 def test_json_is_the_same_report():
     report = build_report(copy.deepcopy(h100_host()))
     data = json.loads(json.dumps(report.to_dict()))

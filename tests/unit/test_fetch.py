@@ -1,5 +1,8 @@
 import hashlib
 import http.server
+import os
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 from functools import partial
@@ -33,6 +36,15 @@ def test_verify_reports_missing_and_corrupt_files(tmp_path):
     other = CATALOG["arcface_mobilefacenet"]
     states = {c.spec.key: c.state for c in verify([SPEC, other], tmp_path)}
     assert states == {SPEC.key: "mismatch", other.key: "missing"}
+
+
+def test_verify_command_names_every_file_in_full_on_an_80_column_terminal(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDENT_")}
+    env.update(IDENT_MODELS_DIR=str(tmp_path), COLUMNS="80")
+    completed = subprocess.run([sys.executable, "-m", "ident.cli", "models", "verify", "--all"], env=env,
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 1, completed.stderr
+    assert "missing" in completed.stdout and "…" not in completed.stdout, completed.stdout
 
 
 def test_fetch_from_an_http_mirror(models_path, tmp_path):
