@@ -478,10 +478,11 @@ def counts(least: int):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--kind", choices=("vision", "audio"), required=True)
-    parser.add_argument("--jobs", type=count(1), default=120)
+    parser.add_argument("--kind", choices=("vision", "audio"), required=True,
+                        help="the pipeline to measure: the running fleet's workers of that kind")
+    parser.add_argument("--jobs", type=count(1), default=120, help="timed jobs on each side (default: 120)")
     parser.add_argument("--concurrency", type=counts(1), default=[8],
-                        help="jobs in flight; a comma list (1,4,8,16) runs one bench per value")
+                        help="jobs in flight (default: 8); a comma list (1,4,8,16) runs one bench per value")
     parser.add_argument("--batch", type=count(1), default=1, help="jobs per call in the baseline's analyze_many")
     parser.add_argument("--warmup", type=count(0), dest="warm_jobs",
                         help="untimed jobs on each side before timing (default: as many as --jobs)")

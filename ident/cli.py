@@ -367,11 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--vision-concurrency", type=int, default=1, help="pool processes of the vision worker")
         p.add_argument("--audio-concurrency", type=int, default=1, help="pool processes of the audio worker")
         p.add_argument("--flower", action="store_true", help="also start the Flower dashboard")
-        p.add_argument("--flower-port", type=int, default=5555)
+        p.add_argument("--flower-port", type=int, default=5555, help="Flower's port (default: 5555)")
         p.add_argument("--flower-auth", default=None,
                        help="user:password for Flower's basic auth (IDENT_FLOWER_AUTH); "
                             "with no password a random one is made and printed")
-        p.add_argument("--ready-timeout", type=float, default=180.0)
+        p.add_argument("--ready-timeout", type=float, default=180.0,
+                       help="seconds to wait for every worker to load its models (default: 180)")
 
     up = sub.add_parser("up", help="run a local fleet in the foreground (embedded Redis unless IDENT_REDIS_URL is set)")
     fleet_options(up)
@@ -382,16 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     submit = sub.add_parser("submit", help="send files to the fleet and print the results")
-    submit.add_argument("files", nargs="+")
+    submit.add_argument("files", nargs="+", help="photos or recordings; two with --verify")
     submit.add_argument("--kind", choices=("vision", "audio"), help="default: detected from the content")
     submit.add_argument("--verify", action="store_true", help="compare two files 1:1")
     submit.add_argument("--full", action="store_true", help="print embeddings instead of eliding them")
     submit.add_argument("--draw", metavar="OUT.jpg", help="write the image with faces drawn on it")
-    submit.add_argument("--timeout", type=float, default=120.0)
+    submit.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each result (default: 120)")
     submit.set_defaults(func=cmd_submit)
 
     status = sub.add_parser("status", help="every worker's pool processes, devices and providers")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print the replies as JSON instead of a table")
     status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for replies")
     status.set_defaults(func=cmd_status)
 
