@@ -1390,8 +1390,9 @@ def render(report: DoctorReport, console) -> None:
     from rich.text import Text
 
     table = Table(title="ident doctor: why would the worker run on CPU?", show_lines=True, expand=True)
-    # A third of the detail: wide enough for "(libcuda.so.1)" on an 80-column terminal.
-    table.add_column("check", ratio=3, min_width=16, overflow="fold")
+    # rich sizes ratio columns by their share alone (min_width does not hold them):
+    # 3 of 13 keeps "(libcuda.so.1)" whole on an 80-column terminal; narrower, it folds.
+    table.add_column("check", ratio=3, overflow="fold")
     table.add_column("status", no_wrap=True, min_width=6)
     table.add_column("detail", ratio=6, overflow="fold")
     table.add_column("fix", ratio=4, overflow="fold")
