@@ -209,7 +209,19 @@ def fleet_shape(kind: str, timeout: float = 3.0) -> dict:
         "processes": len(processes),
         "threads": threads,
         "execution_provider": sorted({p["execution_provider"] for p in processes}),
+        # Workers from before the field was reported do not batch.
+        "max_batch": max(p.get("max_batch", 1) for p in processes),
     }
+
+
+def baseline_batch(requested: int | None, fleet_max_batch: int) -> tuple[int, str | None]:
+    """The baseline's jobs per call: the fleet's own batching unless asked otherwise, and why to look twice."""
+    if requested is None:
+        return fleet_max_batch, None
+    if requested == fleet_max_batch:
+        return requested, None
+    return requested, (f"the fleet batches up to {fleet_max_batch} jobs (IDENT_MAX_BATCH) and the baseline "
+                       f"{requested}: ratio_to_baseline compares two different batch sizes")
 
 
 def redis_bytes_in() -> int:
@@ -346,7 +358,7 @@ def machine() -> dict:
     }
 
 
-def bench(kind: str, jobs: int, concurrency: int, batch: int, inputs_dir: Path | None,
+def bench(kind: str, jobs: int, concurrency: int, batch: int | None, inputs_dir: Path | None,
           by_reference: bool = True, warm_jobs: int | None = None) -> dict:
     """One fleet run and one baseline run, each after the same number of untimed warm-up jobs.
 
@@ -359,6 +371,9 @@ def bench(kind: str, jobs: int, concurrency: int, batch: int, inputs_dir: Path |
     """
     inputs = load_inputs(kind, inputs_dir)
     shape = fleet_shape(kind)
+    batch, mismatch = baseline_batch(batch, shape["max_batch"])
+    if mismatch:
+        console.print(f"[yellow]note:[/] {mismatch}")
     payload_mean = sum(len(inputs[i % len(inputs)][1]) for i in range(jobs)) / jobs
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     if warm_jobs is None:
@@ -483,7 +498,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--jobs", type=count(1), default=120, help="timed jobs on each side (default: 120)")
     parser.add_argument("--concurrency", type=counts(1), default=[8],
                         help="jobs in flight (default: 8); a comma list (1,4,8,16) runs one bench per value")
-    parser.add_argument("--batch", type=count(1), default=1, help="jobs per call in the baseline's analyze_many")
+    parser.add_argument("--batch", type=count(1),
+                        help="jobs per call in the baseline's analyze_many (default: the fleet's IDENT_MAX_BATCH)")
     parser.add_argument("--warmup", type=count(0), dest="warm_jobs",
                         help="untimed jobs on each side before timing (default: as many as --jobs)")
     parser.add_argument("--inputs", type=Path,

@@ -141,6 +141,9 @@ class WorkerRuntime:
             "load_ms": self.load_ms,
             "allocator": self.allocator,
             "jobs": self.jobs,
+            # The worker's micro-batching (1 = off); ident bench sizes its baseline's batches by it.
+            "max_batch": self.settings.max_batch,
+            "max_wait_ms": self.settings.max_wait_ms,
         }
 
     def finish(self, result: dict) -> dict:

@@ -46,6 +46,12 @@ def test_jobs_are_batched_and_fail_alone(batching_worker, client, data_path):
     assert "vision.analyze batch of" in log
 
 
+def test_status_reports_the_workers_batching(batching_worker, client):
+    processes = [process for reply in client.model_status(timeout=5) for body in reply.values()
+                 for process in body.get("processes", []) if process.get("hostname") == "vision-batch@itest"]
+    assert processes and all((p["max_batch"], p["max_wait_ms"]) == (4, 50.0) for p in processes)
+
+
 def test_a_batch_whose_process_dies_is_requeued_and_finished(batching_worker, client):
     import os
     import signal

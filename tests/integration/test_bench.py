@@ -38,6 +38,8 @@ def test_bench_report_is_complete_and_consistent(fleet, fleet_env, tmp_path, kin
     assert report["overhead_ms_p50"] >= 0
     assert report["settings"]["fleet"]["processes"] == (2 if kind == "vision" else 1)
     assert report["baseline"]["processes"] == report["settings"]["fleet"]["processes"]
+    # The fleet does not batch, so neither does the baseline.
+    assert report["settings"]["fleet"]["max_batch"] == report["settings"]["batch"] == report["baseline"]["batch"] == 1
     # Both sides warm up alike, by default with the timed workload once.
     assert report["settings"]["warm_up_jobs"] == report["baseline"]["warm_up_jobs"] == jobs
     assert report["wire"]["redis_bytes_in_per_job"] > 0

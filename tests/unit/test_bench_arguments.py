@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from ident.bench import add_arguments
+from ident.bench import add_arguments, baseline_batch
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -17,7 +17,8 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_defaults_run_the_done_when_command_warmed_by_its_own_workload():
     args = parse()
-    assert (args.jobs, args.concurrency, args.batch, args.warm_jobs) == (120, [8], 1, None)
+    # No --batch: the baseline batches as the fleet does (see ident.bench.baseline_batch).
+    assert (args.jobs, args.concurrency, args.batch, args.warm_jobs) == (120, [8], None, None)
 
 
 def test_a_sweep_is_a_comma_list_of_levels():
@@ -35,3 +36,11 @@ def test_no_warm_up_is_allowed():
 def test_impossible_counts_are_refused(argv):
     with pytest.raises(argparse.ArgumentError, match="whole number"):
         parse(*argv)
+
+
+def test_the_baseline_batches_as_the_fleet_does_unless_asked_otherwise():
+    assert baseline_batch(None, 1) == (1, None)
+    assert baseline_batch(None, 8) == (8, None)
+    assert baseline_batch(8, 8) == (8, None)
+    batch, note = baseline_batch(1, 8)
+    assert batch == 1 and "fleet batches up to 8" in note and "baseline 1" in note
