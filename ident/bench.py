@@ -443,22 +443,49 @@ def _shown(value) -> str:
     return "-" if value is None else str(value)
 
 
+def chart_axis(reports: list[dict]) -> tuple[str, str]:
+    """What the reports differ in, as a settings key and an axis label: jobs in flight, or batch size."""
+    varies = {key for key in ("concurrency", "batch") if len({r["settings"][key] for r in reports}) > 1}
+    if varies == {"batch"}:
+        return "batch", "jobs per batch (IDENT_MAX_BATCH)"
+    if len(varies) > 1:
+        raise IdentError("these reports differ in both jobs in flight and batch size: chart one of the two at a time")
+    return "concurrency", "jobs in flight"
+
+
+def load_reports(kind: str, paths: list[Path]) -> list[dict]:
+    """Reports saved by --json (one report or a list per file), all of ``kind``."""
+    reports = []
+    for path in paths:
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise IdentError(f"cannot read the report {path}: {exc}") from exc
+        reports.extend(saved if isinstance(saved, list) else [saved])
+    other = sorted({r.get("kind") for r in reports} - {kind})
+    if other:
+        raise IdentError(f"--chart-from mixes kinds: {', '.join(map(str, other))} besides {kind}")
+    return reports
+
+
 def chart(reports: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [r["settings"]["concurrency"] for r in reports]
+    setting, label = chart_axis(reports)
+    reports = sorted(reports, key=lambda r: r["settings"][setting])
+    x = [r["settings"][setting] for r in reports]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(x, [r["throughput_per_s"] for r in reports], marker="o", label="fleet")
     left.plot(x, [r["baseline_per_s"] for r in reports], marker="s", linestyle="--", label="raw ORT baseline")
-    left.set_xlabel("jobs in flight")
+    left.set_xlabel(label)
     left.set_ylabel("jobs/s")
     left.legend()
     for key in ("p50", "p95", "p99"):
         right.plot(x, [r["latency_ms"][key] for r in reports], marker="o", label=key)
-    right.set_xlabel("jobs in flight")
+    right.set_xlabel(label)
     right.set_ylabel("end-to-end latency (ms)")
     right.legend()
     fig.suptitle(f"{reports[0]['kind']} pipeline")
@@ -507,10 +534,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--inline", action="store_true",
                         help="send every payload inside the message instead of by reference")
     parser.add_argument("--json", type=Path, dest="json_path", help="write the report here")
-    parser.add_argument("--chart", type=Path, help="write a PNG of throughput and latency against concurrency")
+    parser.add_argument("--chart", type=Path, help="write a PNG of throughput and latency against concurrency, "
+                        "or against batch size for --chart-from reports of differently batched fleets")
+    parser.add_argument("--chart-from", type=Path, nargs="+", metavar="REPORT.json",
+                        help="draw --chart from reports saved with --json instead of running the bench")
 
 
 def run(args) -> int:
+    if args.chart_from:
+        if not args.chart:
+            raise IdentError("--chart-from draws a chart: give --chart OUT.png too")
+        chart(load_reports(args.kind, args.chart_from), args.chart)
+        return 0
     reports = [bench(args.kind, args.jobs, level, args.batch, args.inputs, not args.inline, args.warm_jobs)
                for level in args.concurrency]
     for report in reports:

@@ -59,6 +59,12 @@ start_worker audio 2 IDENT_MAX_BATCH=8 IDENT_MAX_WAIT_MS=5
 bench --kind audio --jobs 48 --concurrency 16 --batch 8 --json "$OUT/audio-c16-batch8.json"
 stop_worker
 
+for kind in vision audio; do
+  bench --kind "$kind" --chart "$OUT/$kind-c16-batch.png" --chart-from "$OUT/$kind-c16-batch1.json" "$OUT/$kind-c16-batch8.json"
+done
+bench --kind vision --chart "$OUT/vision-1x2threads-c16-batch.png" \
+  --chart-from "$OUT/vision-1x2threads-c16-batch1.json" "$OUT/vision-1x2threads-c16-batch8.json"
+
 $PY scripts/stage_batching.py > "$OUT/stages.json"
 IDENT_CPU_THREADS=2 $PY scripts/stage_batching.py > "$OUT/stages-2threads.json"
 echo "reports in $OUT/"
