@@ -209,13 +209,13 @@ def fleet_shape(kind: str, timeout: float = 3.0) -> dict:
         "processes": len(processes),
         "threads": threads,
         "execution_provider": sorted({p["execution_provider"] for p in processes}),
-        # Workers from before the field was reported do not batch.
+        # A worker from before the field was reported counts as unbatched.
         "max_batch": max(p.get("max_batch", 1) for p in processes),
     }
 
 
 def baseline_batch(requested: int | None, fleet_max_batch: int) -> tuple[int, str | None]:
-    """The baseline's jobs per call: the fleet's own batching unless asked otherwise, and why to look twice."""
+    """The baseline's jobs per call (the fleet's own batching unless asked otherwise), and a note if they differ."""
     if requested is None:
         return fleet_max_batch, None
     if requested == fleet_max_batch:
