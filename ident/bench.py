@@ -450,6 +450,8 @@ def chart_axis(reports: list[dict]) -> tuple[str, str]:
         return "batch", "jobs per batch (IDENT_MAX_BATCH)"
     if len(varies) > 1:
         raise IdentError("these reports differ in both jobs in flight and batch size: chart one of the two at a time")
+    if not varies and len(reports) > 1:
+        raise IdentError("these reports share their jobs in flight and batch size: nothing to put on the x-axis")
     return "concurrency", "jobs in flight"
 
 

@@ -24,6 +24,8 @@ def test_the_axis_is_what_the_reports_differ_in():
     assert chart_axis([report()])[0] == "concurrency"
     with pytest.raises(IdentError, match="both jobs in flight and batch size"):
         chart_axis([report(concurrency=8, batch=1), report(concurrency=16, batch=8)])
+    with pytest.raises(IdentError, match="nothing to put on the x-axis"):
+        chart_axis([report(), report(fleet=30.0)])
 
 
 def test_saved_reports_are_read_whole_or_as_lists_and_of_one_kind(tmp_path):
