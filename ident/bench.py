@@ -455,6 +455,14 @@ def chart_axis(reports: list[dict]) -> tuple[str, str]:
     return "concurrency", "jobs in flight"
 
 
+def is_report(saved) -> bool:
+    """Whether ``saved`` holds every field that chart() draws."""
+    return (isinstance(saved, dict) and isinstance(saved.get("settings"), dict)
+            and {"concurrency", "batch"} <= saved["settings"].keys()
+            and {"kind", "throughput_per_s", "baseline_per_s"} <= saved.keys()
+            and isinstance(saved.get("latency_ms"), dict) and {"p50", "p95", "p99"} <= saved["latency_ms"].keys())
+
+
 def load_reports(kind: str, paths: list[Path]) -> list[dict]:
     """Reports saved by --json (one report or a list per file), all of ``kind``."""
     reports = []
@@ -463,10 +471,13 @@ def load_reports(kind: str, paths: list[Path]) -> list[dict]:
             saved = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise IdentError(f"cannot read the report {path}: {exc}") from exc
-        reports.extend(saved if isinstance(saved, list) else [saved])
-    other = sorted({r.get("kind") for r in reports} - {kind})
+        for report in saved if isinstance(saved, list) else [saved]:
+            if not is_report(report):
+                raise IdentError(f"{path} is not a report saved by ident bench --json")
+            reports.append(report)
+    other = sorted({str(r["kind"]) for r in reports} - {kind})
     if other:
-        raise IdentError(f"--chart-from mixes kinds: {', '.join(map(str, other))} besides {kind}")
+        raise IdentError(f"--chart-from mixes kinds: {', '.join(other)} besides {kind}")
     return reports
 
 

@@ -37,6 +37,15 @@ def test_saved_reports_are_read_whole_or_as_lists_and_of_one_kind(tmp_path):
         load_reports("vision", [tmp_path / "one.json", tmp_path / "audio.json"])
     with pytest.raises(IdentError, match="cannot read the report"):
         load_reports("vision", [tmp_path / "missing.json"])
+    # Another command's JSON, such as ident status --json, is refused by name, not with a traceback.
+    (tmp_path / "status.json").write_text(json.dumps([{"vision-1@host": {"processes": []}}]))
+    with pytest.raises(IdentError, match="status.json is not a report saved by ident bench --json"):
+        load_reports("vision", [tmp_path / "status.json"])
+    partial = report()
+    del partial["latency_ms"]["p99"]
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    with pytest.raises(IdentError, match="partial.json is not a report"):
+        load_reports("vision", [tmp_path / "partial.json"])
 
 
 def test_chart_from_saved_reports_of_two_batch_sizes(tmp_path):
