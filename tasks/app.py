@@ -56,6 +56,9 @@ def celery_config(settings: Settings) -> dict:
             # before they can sweep. Restores are transactions, so a lock that
             # expires early cannot hand a job out twice.
             "unacked_mutex_expire": 30,
+            # One list per queue, so that a worker takes each job with an atomic
+            # move into a hand-over list (tasks/transport.py): none is lost if it dies.
+            "priority_steps": [0],
         },
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         # Keep trying through a Redis restart instead of giving up.

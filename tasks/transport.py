@@ -1,31 +1,127 @@
-"""kombu's Redis transport, with one Redis client per channel instead of one per command.
+"""kombu's Redis transport, with two changes: one Redis client per channel, and no job lost in the hand-over.
 
-kombu 5.x builds a new ``redis.Redis`` object every time it publishes a job,
-records a job as unacknowledged or acknowledges it (``Channel.conn_or_acquire``).
-With redis-py 8 each of those objects copies ~170 response callbacks, about
-0.2 ms of CPU: three per job, paid by the producer and by the worker's main
-process between two jobs (see docs/benchmarks.md). The client object holds no
-connection of its own (it borrows one from the channel's pool for each command),
-so one per channel serves every call as well, and is rebuilt if the pool is.
+**One client per channel.** kombu 5.x builds a new ``redis.Redis`` object
+every time it publishes a job, records a job as unacknowledged or
+acknowledges it (``Channel.conn_or_acquire``). With redis-py 8 each of those
+objects copies ~170 response callbacks, about 0.2 ms of CPU: three per job,
+paid by the producer and by the worker's main process between two jobs (see
+docs/benchmarks.md). The client object holds no connection of its own (it
+borrows one from the channel's pool for each command), so one per channel
+serves every call as well, and is rebuilt if the pool is.
 
-The wire format and the keys in Redis are kombu's own: producers and workers on
-stock kombu interoperate with these. :func:`install` makes it what ``redis://``
-and ``rediss://`` URLs mean in this process, so URLs, logs and Flower's broker
-view keep showing ``redis://``.
+**The hand-over.** kombu takes a job with ``BRPOP``, which removes it from
+the queue, and records it as unacknowledged in a second command. A worker
+killed between the two (or a Redis that stops before its reply leaves) loses
+the job: it is in no queue and no unacknowledged record. Here a consumer of
+one queue takes the job with ``BLMOVE`` instead, which moves it atomically
+into a hand-over list; recording it as unacknowledged takes it out of that
+list in the same transaction. A job left in the list outlived its consumer:
+the unacknowledged-job sweep puts it back on its queue once it has been there
+for the visibility timeout, as kombu does for unacknowledged jobs. ``BLMOVE``
+takes one source list, so this needs one list per queue: the fleet runs with
+``priority_steps`` ``[0]`` (tasks/app.py), and the sweep moves jobs that a
+stock kombu producer queued under a priority list back onto the queue.
+Consumers of several queues, a ``global_keyprefix`` and Redis before 6.2
+(no ``BLMOVE``) keep kombu's ``BRPOP`` and its gap.
+
+The wire format and the keys in Redis are otherwise kombu's own: producers on
+stock kombu interoperate with these workers. :func:`install` makes it what
+``redis://`` and ``rediss://`` URLs mean in this process, so URLs, logs and
+Flower's broker view keep showing ``redis://``.
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
+from queue import Empty
+from time import monotonic, time
 
 import kombu.transport
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+from kombu.utils.objects import cached_property
 
 SCHEMES = ("redis", "rediss")
 
+logger = logging.getLogger(__name__)
+
+# Puts back, in one atomic step, the jobs a consumer moved into the hand-over
+# list and never recorded (it died in between): those seen there for the
+# visibility timeout. An item's first sighting is kept under the SHA-1 of its
+# bytes, so no JSON is parsed here. Jobs under stock kombu priority lists
+# (KEYS[4] on) are moved onto the queue, oldest served first.
+RESTORE_HANDED_OVER = """
+local queue, handover, seen = KEYS[1], KEYS[2], KEYS[3]
+local now, grace = tonumber(ARGV[1]), tonumber(ARGV[2])
+local restored, stray = 0, 0
+for i = 4, #KEYS do
+  local item = redis.call('LPOP', KEYS[i])
+  while item do
+    redis.call('RPUSH', queue, item)
+    stray = stray + 1
+    item = redis.call('LPOP', KEYS[i])
+  end
+end
+local present = {}
+for _, item in ipairs(redis.call('LRANGE', handover, 0, -1)) do
+  local id = redis.sha1hex(item)
+  local first = tonumber(redis.call('HGET', seen, id))
+  if not first then
+    redis.call('HSET', seen, id, now)
+    present[id] = true
+  elseif now - first >= grace then
+    redis.call('LREM', handover, 1, item)
+    redis.call('HDEL', seen, id)
+    redis.call('RPUSH', queue, item)
+    restored = restored + 1
+  else
+    present[id] = true
+  end
+end
+for _, id in ipairs(redis.call('HKEYS', seen)) do
+  if not present[id] then redis.call('HDEL', seen, id) end
+end
+return {restored, stray}
+"""
+
+
+class QoS(kombu_redis.QoS):
+    def append(self, message, delivery_tag):
+        handed_over = self.channel.handed_over.pop(delivery_tag, None)
+        if handed_over is None:
+            return super().append(message, delivery_tag)
+        handover_key, item = handed_over
+        delivery = message.delivery_info
+        # kombu's unacknowledged record, and the job out of the hand-over list, in one transaction.
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
+                .hset(self.unacked_key, delivery_tag,
+                      dumps([message._raw, delivery["exchange"], delivery["routing_key"]])) \
+                .lrem(handover_key, 1, item) \
+                .execute()
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def restore_visible(self, start=0, num=10, interval=10):
+        super().restore_visible(start, num, interval)
+        # The same throttle as kombu's sweep above.
+        if (self._vrestore_count - 1) % (interval or 1) == 0:
+            self.channel.restore_handed_over()
+
 
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     _reused_client = None
+    _restore_script = None
+
+    def __init__(self, *args, **kwargs):
+        # The queue the outstanding BLMOVE takes from, and the jobs it
+        # delivered that are not recorded yet: delivery tag -> (list, bytes).
+        self.handover_source: str | None = None
+        self.handed_over: dict[str, tuple[str, bytes]] = {}
+        super().__init__(*args, **kwargs)
 
     @contextmanager
     def conn_or_acquire(self, client=None):
@@ -36,6 +132,89 @@ class Channel(kombu_redis.Channel):
         if reused is None or reused.connection_pool is not self.pool:
             reused = self._reused_client = self._create_client()
         yield reused
+
+    def handover_key(self, queue: str) -> str:
+        return f"{self.unacked_key}:handover:{queue}"
+
+    @cached_property
+    def server_has_blmove(self) -> bool:
+        with self.conn_or_acquire() as client:
+            version = str(client.info("server").get("redis_version", "0"))
+        return tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) >= (6, 2)
+
+    def _single_source(self) -> str | None:
+        queues = self.active_queues
+        if len(queues) != 1 or list(self.priority_steps) != [0] or self.global_keyprefix \
+                or not self.server_has_blmove:
+            return None
+        return queues[0]
+
+    def _brpop_start(self, timeout=None):
+        source = self._single_source()
+        if source is None:
+            return super()._brpop_start(timeout)
+        if timeout is None:
+            timeout = self.brpop_timeout
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        self.handover_source = source
+        self.client.connection.send_command("BLMOVE", source, self.handover_key(source), "RIGHT", "LEFT",
+                                            timeout or 0)
+
+    def _brpop_read(self, **options):
+        source, self.handover_source = self.handover_source, None
+        if source is None:
+            return super()._brpop_read(**options)
+        try:
+            try:
+                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                # As kombu does: reconnect on the next turn. A job moved before
+                # the connection broke waits in the hand-over list for the sweep.
+                self.client.connection.disconnect()
+                raise
+            if item is None:
+                raise Empty()
+            self._queue_cycle.rotate(source)
+            self._deliver_handed_over(source, item)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _deliver_handed_over(self, source: str, item: bytes) -> None:
+        payload = loads(bytes_to_str(item))
+        tag = payload["properties"]["delivery_tag"]
+        handover_key = self.handover_key(source)
+        self.handed_over[tag] = (handover_key, item)
+        try:
+            self.connection._deliver(payload, source)
+        except BaseException:
+            # Left in the hand-over list, the job is put back by the sweep.
+            self.handed_over.pop(tag, None)
+            raise
+        if self.handed_over.pop(tag, None) is not None:
+            # Taken without acknowledgement (no_ack): nothing will record it.
+            with self.conn_or_acquire() as client:
+                client.lrem(handover_key, 1, item)
+
+    def restore_handed_over(self) -> None:
+        """Put back the jobs that a consumer of these queues took and never recorded."""
+        with self.conn_or_acquire() as client:
+            if self._restore_script is None:
+                self._restore_script = client.register_script(RESTORE_HANDED_OVER)
+            for queue in self.active_queues:
+                stray = [f"{queue}{self.sep}{step}" for step in kombu_redis.PRIORITY_STEPS if step] \
+                    if list(self.priority_steps) == [0] else []
+                keys = [queue, self.handover_key(queue), f"{self.handover_key(queue)}:seen", *stray]
+                restored, moved = self._restore_script(keys=keys, args=[time(), self.visibility_timeout],
+                                                       client=client)
+                if restored:
+                    logger.warning("%d %s job(s) put back on the queue: a worker took them and died "
+                                   "before recording them", restored, queue)
+                if moved:
+                    logger.warning("%d %s job(s) moved from kombu priority lists onto the queue: the fleet "
+                                   "reads one list per queue (priorities are not supported)", moved, queue)
 
 
 class Transport(kombu_redis.Transport):
