@@ -22,7 +22,7 @@ takes one source list, so this needs one list per queue: the fleet runs with
 ``priority_steps`` ``[0]`` (tasks/app.py), and the sweep moves jobs that a
 stock kombu producer queued under a priority list back onto the queue.
 Consumers of several queues, a ``global_keyprefix`` and Redis before 6.2
-(no ``BLMOVE``) keep kombu's ``BRPOP`` and its gap.
+(no ``BLMOVE``) keep kombu's ``BRPOP`` and its gap, with a warning that says why.
 
 The wire format and the keys in Redis are otherwise kombu's own: producers on
 stock kombu interoperate with these workers. :func:`install` makes it what
@@ -115,6 +115,7 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
     _reused_client = None
     _restore_script = None
+    _warned_no_handover: str | None = None
 
     def __init__(self, *args, **kwargs):
         # The queue the outstanding BLMOVE takes from, and the jobs it
@@ -144,10 +145,28 @@ class Channel(kombu_redis.Channel):
 
     def _single_source(self) -> str | None:
         queues = self.active_queues
-        if len(queues) != 1 or list(self.priority_steps) != [0] or self.global_keyprefix \
-                or not self.server_has_blmove:
+        if not queues:
+            return None
+        why_not = self._why_no_handover(queues)
+        if why_not:
+            if why_not != self._warned_no_handover:
+                self._warned_no_handover = why_not
+                logger.warning("jobs are taken with BRPOP, not through the hand-over list, because %s: a job "
+                               "in transit is lost if this worker dies as Redis hands it over "
+                               "(docs/security.md, \"A job in transit\")", why_not)
             return None
         return queues[0]
+
+    def _why_no_handover(self, queues: list[str]) -> str | None:
+        if len(queues) != 1:
+            return f"this worker consumes {len(queues)} queues ({', '.join(queues)}); give each its own worker"
+        if list(self.priority_steps) != [0]:
+            return "priority_steps is not [0]"
+        if self.global_keyprefix:
+            return "a global_keyprefix is set"
+        if not self.server_has_blmove:
+            return "this Redis predates 6.2 and has no BLMOVE; upgrade it"
+        return None
 
     def _brpop_start(self, timeout=None):
         source = self._single_source()

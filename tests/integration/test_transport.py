@@ -66,3 +66,25 @@ def test_interoperates_with_stock_kombu_both_ways(redis_server, queue_name):
                                  declare=[queue])
         with Connection(redis_server.url, transport=consumer) as connection:
             assert consume_one(connection, queue, ack=True) == [{"from": str(publisher)}]
+
+
+def test_a_consumer_that_cannot_use_the_hand_over_says_why_once(redis_server, queue_name, caplog):
+    queues = [Queue(name, Exchange(name), routing_key=name) for name in (queue_name, queue_name + "-other")]
+    with Connection(redis_server.url, transport=Transport, transport_options={"priority_steps": [0]}) as connection:
+        channel = connection.default_channel
+        with connection.Consumer(queues[:1], accept=["json"]):
+            assert channel._single_source() == queue_name
+        assert "BRPOP" not in caplog.text
+
+        with connection.Consumer(queues, accept=["json"]):
+            for _turn in range(3):
+                assert channel._single_source() is None
+        warnings = [r.getMessage() for r in caplog.records if "BRPOP" in r.getMessage()]
+        assert len(warnings) == 1, warnings
+        assert f"consumes 2 queues ({queue_name}, {queue_name}-other)" in warnings[0]
+
+        # A Redis before 6.2 cannot run here; its version check is what is stood in for.
+        channel.__dict__["server_has_blmove"] = False
+        with connection.Consumer(queues[:1], accept=["json"]):
+            assert channel._single_source() is None
+        assert "has no BLMOVE; upgrade it" in caplog.text
