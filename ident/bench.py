@@ -390,7 +390,8 @@ def bench(kind: str, jobs: int, concurrency: int, batch: int | None, inputs_dir:
         if warm_jobs:
             base_warm = progress.add_task("baseline warm-up", total=warm_jobs)
             warm_progress = lambda n: progress.advance(base_warm, n)  # noqa: E731
-        base_task = progress.add_task(f"baseline, {shape['processes']} processes", total=jobs)
+        processes = shape["processes"]
+        base_task = progress.add_task(f"baseline, {processes} process{'' if processes == 1 else 'es'}", total=jobs)
         baseline = run_baseline(kind, inputs, jobs, shape["processes"], shape["threads"], batch, warm_jobs,
                                 lambda n: progress.advance(base_task, n), warm_progress)
     ratio = fleet["throughput_per_s"] / baseline["throughput_per_s"] if baseline["throughput_per_s"] else 0.0
