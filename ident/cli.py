@@ -319,7 +319,10 @@ def _demo_answer(kind: str, result: dict) -> str:
     if not result["speech_segments"]:
         return "no speech"
     spoof = result["spoof"]
-    verdict = "bona fide" if spoof["is_bonafide"] else "spoof"
+    if spoof["speech_level_dbfs"] < spoof["min_speech_level_dbfs"]:
+        verdict = f"too quiet to judge, {spoof['speech_level_dbfs']} dBFS"
+    else:
+        verdict = "bona fide" if spoof["is_bonafide"] else "spoof"
     return f"{len(result['speech_segments'])} speech segment(s), {verdict} ({spoof['score']:.2f})"
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+import soundfile as sf
 
 from models.catalog import get_spec
 from tests.audio.helpers import auc, report
-from workers.audio.aasist import AASIST, MAX_WINDOWS, WINDOW_SAMPLES, tile, window_starts, windows
+from workers.audio.aasist import (
+    AASIST, MAX_WINDOWS, WINDOW_SAMPLES, at_level, level_dbfs, tile, window_starts, windows,
+)
 
 
 def test_tile_repeats_like_upstream_pad():
@@ -37,6 +42,61 @@ def test_windows_shapes():
     out = windows(wave)
     assert out.shape == (3, WINDOW_SAMPLES) and out.dtype == np.float32
     np.testing.assert_array_equal(out[1], wave[WINDOW_SAMPLES : 2 * WINDOW_SAMPLES])
+
+
+def test_at_level_sets_the_rms_and_leaves_silence_alone():
+    wave = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.3
+    leveled = at_level(wave, -26.0)
+    assert leveled.dtype == np.float32
+    assert 20 * np.log10(np.sqrt(np.mean(leveled.astype(np.float64) ** 2))) == pytest.approx(-26.0, abs=1e-3)
+    np.testing.assert_allclose(leveled, wave * (leveled[0] / wave[0]), rtol=1e-5)  # one gain, no shaping
+    np.testing.assert_array_equal(at_level(np.zeros(100, np.float32)), np.zeros(100, np.float32))
+    assert level_dbfs(np.full(10, 0.1, np.float32)) == pytest.approx(-20.0, abs=1e-4)
+    assert level_dbfs(np.zeros(10, np.float32)) == -np.inf
+
+
+def test_the_score_does_not_follow_the_volume(audio_pipeline, decode_file):
+    spoof = audio_pipeline.spoof
+    speech, _ = decode_file("audio/antispoof/spoof/espeak_en-us.wav")
+    scores = [s.score for s in spoof.score_many([speech * 0.03, speech * 0.3, speech])]
+    assert max(scores) - min(scores) < 0.01, scores
+
+
+# The spoofs that are rejected at their own level. Before the speech was leveled,
+# each of them passed as bona fide once turned down by 20 dB.
+QUIET_SPOOFS = [
+    "audio/antispoof/spoof/espeak_en-us.wav",
+    "audio/antispoof/spoof/festival_kal_diphone.wav",
+    "audio/antispoof/spoof/trump_fake_1bB5db0Srrw.mp3",
+    "audio/antispoof/spoof/trump_fake_6xxGIDfe5BU.mp3",
+    "audio/antispoof/spoof/trump_fake_1bB5db0Srrw_16k_first10s.wav",
+    "audio/antispoof/spoof/trump_fake_6xxGIDfe5BU_16k_first10s.wav",
+]
+
+
+def test_a_spoof_turned_down_is_still_a_spoof(audio_pipeline, decode_file):
+    payloads = []
+    for path in QUIET_SPOOFS:
+        wave, _ = decode_file(path)
+        buffer = io.BytesIO()
+        sf.write(buffer, wave * 0.1, 16000, subtype="PCM_16", format="WAV")
+        payloads.append(buffer.getvalue())
+    results = audio_pipeline.analyze_many(payloads)
+    verdicts = {path: (r["spoof"]["score"], r["spoof"]["is_bonafide"]) for path, r in zip(QUIET_SPOOFS, results)}
+    report(f"spoofs at -20 dB: {verdicts}")
+    assert not any(bonafide for _score, bonafide in verdicts.values()), verdicts
+
+
+def test_speech_too_quiet_to_judge_is_never_bona_fide(audio_pipeline, decode_file):
+    # Raised from -80 dBFS, this fake's own noise floor scores as genuine (docs/audio.md, "Level").
+    wave, _ = decode_file("audio/antispoof/spoof/trump_fake_6xxGIDfe5BU.mp3")
+    buffer = io.BytesIO()
+    sf.write(buffer, wave * 10 ** (-62 / 20), 16000, subtype="PCM_16", format="WAV")
+    result = audio_pipeline.analyze(buffer.getvalue())
+    spoof = result["spoof"]
+    report(f"a fake at {spoof['speech_level_dbfs']} dBFS: score {spoof['score']:.2f}")
+    assert spoof["speech_level_dbfs"] < spoof["min_speech_level_dbfs"] == -55.0
+    assert spoof["is_bonafide"] is False
 
 
 def test_batched_scores_equal_single(audio_pipeline, decode_file):
@@ -98,6 +158,7 @@ def test_bonafide_scores_above_spoof(analyses, labelled_files, audio_pipeline):
 def test_spoof_result_shape(analyses):
     result = analyses["audio/antispoof/spoof/espeak_en-us.wav"]
     spoof = result["spoof"]
-    assert set(spoof) == {"score", "is_bonafide", "threshold"}
+    assert set(spoof) == {"score", "is_bonafide", "threshold", "speech_level_dbfs", "min_speech_level_dbfs"}
+    assert -40 < spoof["speech_level_dbfs"] < -10 and spoof["min_speech_level_dbfs"] == -55.0
     assert isinstance(spoof["score"], float) and isinstance(spoof["is_bonafide"], bool)
     assert spoof["is_bonafide"] is False

@@ -4,14 +4,29 @@ Model: AASIST (Jung et al., ICASSP 2022), clovaai/aasist ``AASIST.pth`` trained
 on ASVspoof 2019 LA (upstream EER 0.83 %), converted to ONNX here; MIT licence
 (NAVER Corp.). Catalog keys ``aasist`` and the lighter ``aasist_l`` (same I/O).
 
-I/O: ``waveform`` float32 [B, 64600] (4.04 s of 16 kHz mono audio in [-1, 1],
-no normalisation); outputs ``logits`` [B, 2] (class 1 = bona fide) and a 160-d
+I/O: ``waveform`` float32 [B, 64600] (4.04 s of 16 kHz mono audio in [-1, 1];
+the graph normalises nothing); outputs ``logits`` [B, 2] (class 1 = bona fide) and a 160-d
 ``embedding`` we do not use. The length is fixed: the graph's pooling sizes
 were traced for 64600 samples.
 
 Scoring, as upstream's evaluation: the score is the bona-fide logit
 ``logits[:, 1]``; higher is more genuine; ``is_bonafide = score >= threshold``
 with the threshold calibrated per model in the catalog (docs/audio.md).
+
+Level (our choice, upstream feeds the file as it is): the speech is scaled
+to an RMS of ``speech_level_dbfs`` (catalog, -26 dB relative to full scale,
+the active speech level that ITU-T P.56 normalises to) before windowing. The
+model's score follows the input's level: measured on our labelled set, the
+same spoof turned down by 20 dB scored 2 to 6 logits more genuine, enough to
+pass as bona fide, and a loud genuine recording lost up to 3 logits. Scaled
+to one level, the decision depends on the voice, not the volume control
+(docs/audio.md, "Level"). There is no cap on the gain: a cap would leave
+quieter-than-the-cap recordings to the volume shortcut again. Instead, speech
+quieter than ``min_speech_level_dbfs`` (catalog, -55 dBFS) is too quiet to
+judge: raised that far, the recording's own noise floor dominates what the
+model sees, and noise scores as genuine (white noise leveled: -1.7). Fakes
+began to pass from about -65 dBFS; the pipeline never calls such speech bona
+fide, whatever its score.
 
 Windows (our choice, upstream only scores the first 4 s of a file):
 
@@ -40,12 +55,16 @@ import numpy as np
 WINDOW_SAMPLES = 64600
 MAX_WINDOWS = 4
 BATCH_SIZE = 8
+SPEECH_LEVEL_DBFS = -26.0
+MIN_SPEECH_LEVEL_DBFS = -55.0
 
 
 @dataclass(frozen=True)
 class SpoofScore:
     score: float  # mean bona-fide logit over the windows
     window_scores: tuple[float, ...]
+    speech_level_dbfs: float  # RMS of the speech as it came, before leveling; -inf for digital silence
+    loud_enough: bool  # speech_level_dbfs >= the model's min_speech_level_dbfs: the score can be trusted
 
 
 def tile(wave: np.ndarray, length: int = WINDOW_SAMPLES) -> np.ndarray:
@@ -55,6 +74,21 @@ def tile(wave: np.ndarray, length: int = WINDOW_SAMPLES) -> np.ndarray:
         raise ValueError("cannot tile an empty waveform")
     repeats = length // len(wave) + 1
     return np.tile(wave, repeats)[:length]
+
+
+def level_dbfs(wave: np.ndarray) -> float:
+    """RMS of ``wave`` in dB relative to full scale (1.0); -inf for silence."""
+    rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64)))) if len(wave) else 0.0
+    return 20.0 * math.log10(rms) if rms > 0.0 else -math.inf
+
+
+def at_level(wave: np.ndarray, target_dbfs: float = SPEECH_LEVEL_DBFS) -> np.ndarray:
+    """``wave`` scaled so that its RMS is ``target_dbfs``; silence stays silence."""
+    wave = np.asarray(wave, dtype=np.float32)
+    current = level_dbfs(wave)
+    if current == -math.inf:
+        return wave
+    return (wave * np.float32(10.0 ** ((target_dbfs - current) / 20.0))).astype(np.float32, copy=False)
 
 
 def window_starts(num_samples: int, window: int = WINDOW_SAMPLES, max_windows: int = MAX_WINDOWS) -> list[int]:
@@ -83,6 +117,8 @@ class AASIST:
         self.session = session
         self.window_samples = int(params.get("window_samples", WINDOW_SAMPLES))
         self.bonafide_class = int(params.get("bonafide_class", 1))
+        self.speech_level_dbfs = float(params.get("speech_level_dbfs", SPEECH_LEVEL_DBFS))
+        self.min_speech_level_dbfs = float(params.get("min_speech_level_dbfs", MIN_SPEECH_LEVEL_DBFS))
         self.max_windows = max_windows
         self.batch_size = batch_size
         inputs = session.get_inputs()
@@ -99,16 +135,21 @@ class AASIST:
 
     def score_many(self, waves: Sequence[np.ndarray]) -> list[SpoofScore]:
         """Scores of several recordings, all their windows batched together."""
-        per_wave = [windows(w, self.window_samples, self.max_windows) for w in waves]
+        per_wave = [
+            windows(at_level(w, self.speech_level_dbfs), self.window_samples, self.max_windows) for w in waves
+        ]
         if not per_wave:
             return []
         logits = self.logits(np.concatenate(per_wave))
         bonafide = logits[:, self.bonafide_class]
         scores, offset = [], 0
-        for wins in per_wave:
+        for wave, wins in zip(waves, per_wave):
             mine = bonafide[offset : offset + len(wins)]
             offset += len(wins)
-            scores.append(SpoofScore(float(np.mean(mine)), tuple(float(v) for v in mine)))
+            level = level_dbfs(np.asarray(wave, dtype=np.float32))
+            scores.append(SpoofScore(
+                float(np.mean(mine)), tuple(float(v) for v in mine), level, level >= self.min_speech_level_dbfs
+            ))
         return scores
 
     def score(self, wave: np.ndarray) -> SpoofScore:
