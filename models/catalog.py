@@ -181,7 +181,10 @@ CATALOG: dict[str, ModelSpec] = {
             url=None,
             source="clovaai/aasist models/weights/AASIST.pth, converted to ONNX",
             licence="MIT",
-            params={"window_samples": 64600, "bonafide_class": 1, "speech_level_dbfs": -26.0, "min_speech_level_dbfs": -55.0, "threshold": -3.2},
+            params={
+                "window_samples": 64600, "bonafide_class": 1,
+                "speech_level_dbfs": -26.0, "min_speech_level_dbfs": -55.0, "threshold": -3.2,
+            },
         ),
         ModelSpec(
             key="aasist_l",
@@ -194,7 +197,10 @@ CATALOG: dict[str, ModelSpec] = {
             source="clovaai/aasist models/weights/AASIST-L.pth, converted to ONNX",
             licence="MIT",
             extra=True,
-            params={"window_samples": 64600, "bonafide_class": 1, "speech_level_dbfs": -26.0, "min_speech_level_dbfs": -55.0, "threshold": -4.05},
+            params={
+                "window_samples": 64600, "bonafide_class": 1,
+                "speech_level_dbfs": -26.0, "min_speech_level_dbfs": -55.0, "threshold": -4.05,
+            },
         ),
         ModelSpec(
             key="campplus_sv_zh_en",

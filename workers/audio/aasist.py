@@ -82,10 +82,13 @@ def level_dbfs(wave: np.ndarray) -> float:
     return 20.0 * math.log10(rms) if rms > 0.0 else -math.inf
 
 
-def at_level(wave: np.ndarray, target_dbfs: float = SPEECH_LEVEL_DBFS) -> np.ndarray:
-    """``wave`` scaled so that its RMS is ``target_dbfs``; silence stays silence."""
+def at_level(wave: np.ndarray, target_dbfs: float = SPEECH_LEVEL_DBFS, current_dbfs: float | None = None) -> np.ndarray:
+    """``wave`` scaled so that its RMS is ``target_dbfs``; silence stays silence.
+
+    ``current_dbfs``: the wave's :func:`level_dbfs`, when the caller has it already.
+    """
     wave = np.asarray(wave, dtype=np.float32)
-    current = level_dbfs(wave)
+    current = level_dbfs(wave) if current_dbfs is None else current_dbfs
     if current == -math.inf:
         return wave
     return (wave * np.float32(10.0 ** ((target_dbfs - current) / 20.0))).astype(np.float32, copy=False)
@@ -135,18 +138,19 @@ class AASIST:
 
     def score_many(self, waves: Sequence[np.ndarray]) -> list[SpoofScore]:
         """Scores of several recordings, all their windows batched together."""
+        levels = [level_dbfs(w) for w in waves]
         per_wave = [
-            windows(at_level(w, self.speech_level_dbfs), self.window_samples, self.max_windows) for w in waves
+            windows(at_level(w, self.speech_level_dbfs, level), self.window_samples, self.max_windows)
+            for w, level in zip(waves, levels)
         ]
         if not per_wave:
             return []
         logits = self.logits(np.concatenate(per_wave))
         bonafide = logits[:, self.bonafide_class]
         scores, offset = [], 0
-        for wave, wins in zip(waves, per_wave):
+        for wins, level in zip(per_wave, levels):
             mine = bonafide[offset : offset + len(wins)]
             offset += len(wins)
-            level = level_dbfs(np.asarray(wave, dtype=np.float32))
             scores.append(SpoofScore(
                 float(np.mean(mine)), tuple(float(v) for v in mine), level, level >= self.min_speech_level_dbfs
             ))

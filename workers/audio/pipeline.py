@@ -222,17 +222,18 @@ class AudioPipeline:
         scores = self.spoof.score_many([j.speech for j in jobs])
         elapsed = _ms(time.perf_counter() - t)
         for job, score in zip(jobs, scores):
+            # Floored: digital silence measures -inf, which JSON cannot carry to a client.
+            level = round(max(score.speech_level_dbfs, -200.0), 1)
             job.spoof = {
                 "score": score.score,
                 "is_bonafide": bool(score.loud_enough and score.score >= self.spoof_threshold),
                 "threshold": self.spoof_threshold,
-                # Floored: digital silence measures -inf, which JSON cannot carry to a client.
-                "speech_level_dbfs": round(max(score.speech_level_dbfs, -200.0), 1),
+                "speech_level_dbfs": level,
                 "min_speech_level_dbfs": self.spoof.min_speech_level_dbfs,
             }
             if not score.loud_enough:
                 log.info("speech at %.1f dBFS is below %.1f dBFS: too quiet to judge, not called bona fide",
-                         max(score.speech_level_dbfs, -200.0), self.spoof.min_speech_level_dbfs)
+                         level, self.spoof.min_speech_level_dbfs)
             job.timings["spoof"] = elapsed
 
     def _run_embedding(self, jobs: list[_Job]) -> dict[int, list[float]]:
