@@ -34,7 +34,6 @@ sys.path.insert(0, str(REPO))
 
 from models.catalog import selected_models  # noqa: E402
 from tasks.settings import Settings  # noqa: E402
-from workers.audio.aasist import at_level, windows  # noqa: E402
 from workers.audio.decoding import decode  # noqa: E402
 from workers.audio.pipeline import AudioPipeline, speech_audio  # noqa: E402
 
@@ -109,10 +108,7 @@ def main() -> None:
                 "whole": wave,
             }
             for name, x in inputs.items():
-                spoof_model = pipeline.spoof
-                leveled = at_level(x, spoof_model.speech_level_dbfs)
-                logits = spoof_model.logits(windows(leveled, spoof_model.window_samples, spoof_model.max_windows))
-                variants[name][p] = float(np.mean(logits[:, pipeline.spoof.bonafide_class]))
+                variants[name][p] = pipeline.spoof.score(x).score
         for name, scores in variants.items():
             b = [s for p, s in scores.items() if p in bona and not is_fsdd(p)]
             f = [s for p, s in scores.items() if p in spoof]

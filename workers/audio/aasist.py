@@ -82,7 +82,9 @@ def level_dbfs(wave: np.ndarray) -> float:
     return 20.0 * math.log10(rms) if rms > 0.0 else -math.inf
 
 
-def at_level(wave: np.ndarray, target_dbfs: float = SPEECH_LEVEL_DBFS, current_dbfs: float | None = None) -> np.ndarray:
+def at_level(
+    wave: np.ndarray, target_dbfs: float = SPEECH_LEVEL_DBFS, current_dbfs: float | None = None
+) -> np.ndarray:
     """``wave`` scaled so that its RMS is ``target_dbfs``; silence stays silence.
 
     ``current_dbfs``: the wave's :func:`level_dbfs`, when the caller has it already.
