@@ -186,6 +186,13 @@ def test_verify_same_and_different(audio_pipeline, data_path):
     )
     assert different["same_speaker"] is False and different["similarity"] < same["similarity"]
     assert set(same["timings_ms"]) == {"audio_a", "audio_b", "total"}
+    # The speech behind each voiceprint, as analyze finds it, not the recording's length.
+    assert set(same["speech_s"]) == {"audio_a", "audio_b"}
+    for name, path in (("audio_a", "audio/speakers/librispeech_1998_01.wav"), ("audio_b", "bad/speech_24bit_16k.wav")):
+        analysed = audio_pipeline.analyze(read(path), {"spoof": False, "embed": False})
+        speech = sum(s["end_s"] - s["start_s"] for s in analysed["speech_segments"])
+        assert same["speech_s"][name] == pytest.approx(speech, abs=1e-3)
+        assert 0 < same["speech_s"][name] < analysed["duration_s"]
 
 
 def test_verify_without_speech_names_the_input(audio_pipeline, data_path):

@@ -52,6 +52,7 @@ def test_verify_separates_speakers(fleet, client, data_path, labels):
         answer = result.get(timeout=120)
         assert answer["same_speaker"] is expected
         assert answer["execution_provider"]
+        assert all(seconds > 1 for seconds in answer["speech_s"].values())
 
 
 def test_verify_without_speech_says_which_recording(fleet, client, data_path):

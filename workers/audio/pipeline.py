@@ -166,6 +166,12 @@ class AudioPipeline:
             "same_speaker": similarity >= self.match_threshold,
             "threshold": self.match_threshold,
             "model": self.specs["speaker_embedding"].key,
+            # Under ~2.5 s of speech a side, same and different speakers overlap
+            # (docs/audio.md, "Held out"): the caller needs this to judge the verdict.
+            "speech_s": {
+                name: round(sum(s["end_s"] - s["start_s"] for s in result["speech_segments"]), 3)
+                for name, result in zip(("audio_a", "audio_b"), results)
+            },
             "timings_ms": {
                 "audio_a": results[0]["timings_ms"],
                 "audio_b": results[1]["timings_ms"],
