@@ -20,6 +20,7 @@ from rich.table import Table
 
 from ident import bench, doctor
 from tasks.errors import IdentError
+from workers.formats import describe
 
 console = Console()
 err_console = Console(stderr=True)
@@ -39,7 +40,10 @@ def detect_kind(data: bytes) -> str:
         return "audio"
     if len(data) > 1 and data[0] == 0xFF and (data[1] & 0xE0) == 0xE0:  # MPEG audio frame sync
         return "audio"
-    raise IdentError("cannot tell whether this is an image or audio from its content: pass --kind vision|audio")
+    raise IdentError(
+        f"cannot tell whether this is an image or audio from its content ({describe(data)}): "
+        "pass --kind vision|audio"
+    )
 
 
 def elide(value, full: bool = False):

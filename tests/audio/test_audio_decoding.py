@@ -286,3 +286,9 @@ def test_a_wav_header_claiming_hours_is_refused_before_reading():
     assert wav_claimed_seconds(honest) == pytest.approx(1.0)
     streaming = forged[:40] + struct.pack("<I", 0xFFFFFFFF) + samples
     assert wav_claimed_seconds(streaming) is None
+
+
+def test_refusal_names_what_was_sent():
+    m4a = b"\x00\x00\x00\x18ftypM4A \x00\x00\x00\x00M4A isom" + b"\x00" * 256
+    with pytest.raises(InvalidInput, match=r"not a readable audio file: .*M4A audio file.*; send a WAV"):
+        decode(m4a, 600.0)

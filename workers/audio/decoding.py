@@ -43,6 +43,7 @@ import soundfile as sf
 import soxr
 
 from tasks.errors import InvalidInput, LimitExceeded
+from workers.formats import describe
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,8 @@ def decode(payload: bytes, max_seconds: float, *, min_seconds: float = MIN_SECON
         handle = sf.SoundFile(io.BytesIO(payload))
     except _DECODER_ERRORS as exc:
         raise InvalidInput(
-            f"the payload ({len(payload)} bytes) is not a readable audio file: {_reason(exc)}; "
-            f"send a {SUPPORTED} file"
+            f"the payload ({len(payload)} bytes) is not a readable audio file: {_reason(exc)} "
+            f"({describe(payload)}); send a {SUPPORTED} file"
         ) from None
     with handle:
         rate, channels, frames = handle.samplerate, handle.channels, handle.frames

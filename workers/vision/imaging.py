@@ -45,6 +45,7 @@ import cv2
 import numpy as np
 
 from tasks.errors import InvalidInput, LimitExceeded
+from workers.formats import describe
 
 JPEG = "JPEG"
 PNG = "PNG"
@@ -53,23 +54,6 @@ BMP = "BMP"
 SUPPORTED = (JPEG, PNG, WEBP, BMP)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-# Formats we cannot decode but can name, so the client learns what it sent.
-_KNOWN_OTHERS = (
-    (b"GIF87a", "a GIF image"),
-    (b"GIF89a", "a GIF image"),
-    (b"II*\x00", "a TIFF image"),
-    (b"MM\x00*", "a TIFF image"),
-    (b"%PDF", "a PDF document"),
-    (b"\x00\x00\x00\x0cjP  ", "a JPEG 2000 image"),
-    (b"\xff\x4f\xff\x51", "a JPEG 2000 codestream"),
-    (b"\x00\x00\x01\x00", "an ICO icon"),
-    (b"ID3", "an MP3 audio file"),
-    (b"fLaC", "a FLAC audio file"),
-    (b"OggS", "an Ogg media file"),
-    (b"PK\x03\x04", "a ZIP archive"),
-    (b"\x1f\x8b", "a gzip archive"),
-)
 
 # JPEG SOFn markers carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share
 # the range but are not frames.
@@ -91,21 +75,9 @@ def sniff_format(data: bytes) -> str:
     if data[:2] == b"BM":
         return BMP
     raise InvalidInput(
-        f"not a JPEG, PNG, WebP or BMP image ({_describe_unknown(data)}); "
+        f"not a JPEG, PNG, WebP or BMP image ({describe(data)}); "
         "send the image in one of those formats"
     )
-
-
-def _describe_unknown(data: bytes) -> str:
-    for magic, name in _KNOWN_OTHERS:
-        if data.startswith(magic):
-            return f"it looks like {name}"
-    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
-        return "it looks like a WAV audio file"
-    if data[4:8] == b"ftyp":
-        brand = data[8:12].decode("ascii", "replace")
-        return f"it looks like an ISO media file of brand {brand!r} (HEIC/AVIF/MP4)"
-    return f"it starts with bytes {data[:4].hex(' ')}"
 
 
 def image_size(data: bytes) -> tuple[str, int, int]:
