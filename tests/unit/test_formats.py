@@ -44,3 +44,12 @@ def test_known_signatures_are_named(payload, expected):
 def test_unknown_payloads_show_only_their_first_four_bytes():
     assert describe(b"hello, this is not audio") == "it starts with bytes 68 65 6c 6c"
     assert describe(b"") == "it is empty"
+
+
+def test_ident_submit_names_a_payload_it_cannot_route():
+    from ident.cli import detect_kind
+    from tasks.errors import IdentError
+
+    with pytest.raises(IdentError, match=r"\(it looks like an M4A audio file .*\): pass --kind"):
+        detect_kind(iso_media(b"M4A "))
+    assert detect_kind(wav()) == "audio"
