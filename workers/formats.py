@@ -47,7 +47,7 @@ def describe(data: bytes) -> str:
         brand = data[8:12].decode("ascii", "replace")
         if brand.strip().lower() in _IMAGE_BRANDS:
             return f"it looks like a HEIF/AVIF image (brand {brand!r})"
-        if brand.startswith("M4"):
+        if brand in ("M4A ", "M4B "):
             return f"it looks like an M4A audio file (brand {brand!r}; AAC audio, as phones' voice memos are)"
         return f"it looks like an MP4/3GP media file (brand {brand!r})"
     # An MPEG frame sync with layer bits 00 is AAC in ADTS framing (MP3 has layer 01).

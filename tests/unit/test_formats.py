@@ -29,6 +29,7 @@ def wav() -> bytes:
         (iso_media(b"M4A "), "an M4A audio file (brand 'M4A '"),
         (iso_media(b"heic"), "a HEIF/AVIF image (brand 'heic')"),
         (iso_media(b"3gp5"), "an MP4/3GP media file (brand '3gp5')"),
+        (iso_media(b"M4V "), "an MP4/3GP media file (brand 'M4V ')"),
         (b"\xff\xf1\x50\x80\x02\x1f\xfc" + b"\x00" * 64, "a raw AAC (ADTS) audio stream"),
         (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01" + b"\x00" * 64, "a Matroska/WebM media file"),
         (b"#!AMR\n" + b"\x3c" * 64, "an AMR audio file"),
