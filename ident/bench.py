@@ -392,7 +392,7 @@ def bench(kind: str, jobs: int, concurrency: int, batch: int | None, inputs_dir:
             warm_progress = lambda n: progress.advance(base_warm, n)  # noqa: E731
         processes = shape["processes"]
         base_task = progress.add_task(f"baseline, {processes} process{'' if processes == 1 else 'es'}", total=jobs)
-        baseline = run_baseline(kind, inputs, jobs, shape["processes"], shape["threads"], batch, warm_jobs,
+        baseline = run_baseline(kind, inputs, jobs, processes, shape["threads"], batch, warm_jobs,
                                 lambda n: progress.advance(base_task, n), warm_progress)
     ratio = fleet["throughput_per_s"] / baseline["throughput_per_s"] if baseline["throughput_per_s"] else 0.0
     return {

@@ -22,8 +22,8 @@ _SIGNATURES = (
     (b"ID3", "an MP3 audio file"),
     (b"fLaC", "a FLAC audio file"),
     (b"OggS", "an Ogg media file"),
-    (b"#!AMR", "an AMR audio file (the codec of many phones' voice recorders)"),
-    (b"\x1a\x45\xdf\xa3", "a Matroska/WebM media file (what browsers record with MediaRecorder)"),
+    (b"#!AMR", "an AMR audio file, the codec of many phones' voice recorders"),
+    (b"\x1a\x45\xdf\xa3", "a Matroska/WebM media file, as browsers record with MediaRecorder"),
     (b"PK\x03\x04", "a ZIP archive"),
     (b"\x1f\x8b", "a gzip archive"),
 )
@@ -46,11 +46,11 @@ def describe(data: bytes) -> str:
     if data[4:8] == b"ftyp":
         brand = data[8:12].decode("ascii", "replace")
         if brand.strip().lower() in _IMAGE_BRANDS:
-            return f"it looks like a HEIF/AVIF image (brand {brand!r})"
+            return f"it looks like a HEIF/AVIF image of brand {brand!r}"
         if brand in ("M4A ", "M4B "):
-            return f"it looks like an M4A audio file (brand {brand!r}; AAC audio, as phones' voice memos are)"
-        return f"it looks like an MP4/3GP media file (brand {brand!r})"
+            return f"it looks like an M4A audio file of brand {brand!r}: AAC, as phones record voice memos"
+        return f"it looks like an MP4/3GP media file of brand {brand!r}"
     # An MPEG frame sync with layer bits 00 is AAC in ADTS framing (MP3 has layer 01).
     if len(data) > 1 and data[0] == 0xFF and (data[1] & 0xF6) == 0xF0:
-        return "it looks like a raw AAC (ADTS) audio stream"
+        return "it looks like a raw AAC audio stream in ADTS framing"
     return f"it starts with bytes {data[:4].hex(' ')}"

@@ -26,11 +26,11 @@ def wav() -> bytes:
 @pytest.mark.parametrize(
     "payload,expected",
     [
-        (iso_media(b"M4A "), "an M4A audio file (brand 'M4A '"),
-        (iso_media(b"heic"), "a HEIF/AVIF image (brand 'heic')"),
-        (iso_media(b"3gp5"), "an MP4/3GP media file (brand '3gp5')"),
-        (iso_media(b"M4V "), "an MP4/3GP media file (brand 'M4V ')"),
-        (b"\xff\xf1\x50\x80\x02\x1f\xfc" + b"\x00" * 64, "a raw AAC (ADTS) audio stream"),
+        (iso_media(b"M4A "), "an M4A audio file of brand 'M4A ': AAC"),
+        (iso_media(b"heic"), "a HEIF/AVIF image of brand 'heic'"),
+        (iso_media(b"3gp5"), "an MP4/3GP media file of brand '3gp5'"),
+        (iso_media(b"M4V "), "an MP4/3GP media file of brand 'M4V '"),
+        (b"\xff\xf1\x50\x80\x02\x1f\xfc" + b"\x00" * 64, "a raw AAC audio stream in ADTS framing"),
         (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01" + b"\x00" * 64, "a Matroska/WebM media file"),
         (b"#!AMR\n" + b"\x3c" * 64, "an AMR audio file"),
         (wav(), "a WAV audio file"),
@@ -51,6 +51,6 @@ def test_ident_submit_names_a_payload_it_cannot_route():
     from ident.cli import detect_kind
     from tasks.errors import IdentError
 
-    with pytest.raises(IdentError, match=r"\(it looks like an M4A audio file .*\): pass --kind"):
+    with pytest.raises(IdentError, match=r"\(it looks like an M4A audio file of brand .*\): pass --kind"):
         detect_kind(iso_media(b"M4A "))
     assert detect_kind(wav()) == "audio"
