@@ -2,7 +2,11 @@
 
 Run as a script to print the calibration summary that docs/vision.md quotes::
 
-    .venv/bin/python tests/vision/face_pairs.py
+    .venv/bin/python tests/vision/face_pairs.py [--extra DIR]
+
+``--extra DIR`` widens the check with photos of other people (see
+:func:`extra_faces`): every pair of faces of different people, not only the
+labelled pairs, as docs/vision.md "Widened with other people" does.
 """
 
 from __future__ import annotations
@@ -42,6 +46,31 @@ def pair_scores(analyses: dict[str, dict], labels: dict) -> PairScores:
     return PairScores(score(labels["pairs"]["face_same_person"]), score(labels["pairs"]["face_different_person"]))
 
 
+def extra_faces(analyses: dict[str, dict]) -> list[tuple[str, str, np.ndarray]]:
+    """(person, face label, embedding) of the faces in photos outside the labelled set.
+
+    A photo named ``<person_id>__<anything>`` shows that labelled person as its
+    largest face, and its other faces are left out (nobody knows who they are).
+    In any other photo every face is a different person, none of them labelled.
+    """
+    faces = []
+    for path, result in sorted(analyses.items()):
+        name = Path(path).name
+        person, marker, _ = name.partition("__")
+        for index, face in enumerate(result["faces"][:1] if marker else result["faces"]):
+            faces.append((person if marker else f"{name}#{index}", f"{name}#{index}", np.array(face["embedding"])))
+    return faces
+
+
+def all_pair_scores(faces: list[tuple[str, str, np.ndarray]]) -> PairScores:
+    """Every pair of faces: the same person or not, by their person names."""
+    same, different = [], []
+    for i, (person_a, label_a, a) in enumerate(faces):
+        for person_b, label_b, b in faces[i + 1 :]:
+            (same if person_a == person_b else different).append((label_a, label_b, float(a @ b)))
+    return PairScores(same, different)
+
+
 def auc(positives: np.ndarray, negatives: np.ndarray) -> float:
     """Probability that a random same-person pair outscores a random different-person pair."""
     pos, neg = positives[:, None], negatives[None, :]
@@ -78,7 +107,12 @@ def report(scores: PairScores, threshold: float) -> str:
 
 
 def _main() -> None:
+    import argparse
     import json
+
+    parser = argparse.ArgumentParser(description="face-pair scores and the match threshold")
+    parser.add_argument("--extra", type=Path, help="photos of other people (see extra_faces)")
+    args = parser.parse_args()
 
     root = Path(__file__).resolve().parents[2]
     sys.path.insert(0, str(root))
@@ -103,8 +137,21 @@ def _main() -> None:
     labels = json.loads((data_dir() / "labels.json").read_text())
     paths = sorted({p for key in ("face_same_person", "face_different_person") for pair in labels["pairs"][key] for p in pair})
     results = pipeline.analyze_many([(data_dir() / p).read_bytes() for p in paths], [{"liveness": False}] * len(paths))
-    scores = pair_scores(dict(zip(paths, results)), labels)
+    analyses = dict(zip(paths, results))
+    scores = pair_scores(analyses, labels)
     sys.stdout.write(report(scores, pipeline.match_threshold) + "\n")
+    if args.extra:
+        people = {entry["path"]: entry["labels"].get("largest_face_person") for entry in labels["files"]}
+        labelled = [
+            (people[path], Path(path).name, embedding)
+            for path, embedding in largest_face_embeddings(analyses).items()
+            if people.get(path)
+        ]
+        extra_paths = sorted(p for p in args.extra.iterdir() if p.is_file())
+        extra = pipeline.analyze_many([p.read_bytes() for p in extra_paths], [{"liveness": False}] * len(extra_paths))
+        widened = all_pair_scores(labelled + extra_faces(dict(zip(map(str, extra_paths), extra))))
+        sys.stdout.write(f"\nWidened with {len(extra_paths)} photos from {args.extra}:\n\n")
+        sys.stdout.write(report(widened, pipeline.match_threshold) + "\n")
 
 
 if __name__ == "__main__":

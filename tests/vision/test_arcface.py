@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from face_pairs import accuracy, auc, pair_scores
+from face_pairs import accuracy, all_pair_scores, auc, extra_faces, pair_scores
 from models.catalog import ARCFACE_TEMPLATE_112, get_spec
 from tasks.errors import InvalidInput
 from workers.vision.align import align_faces
@@ -63,6 +63,17 @@ def test_catalog_threshold_separates_the_pairs_with_margin(scores, pipeline):
     assert accuracy(scores, threshold) == 1.0
     # A threshold hugging either cloud would not survive new people.
     assert scores.different_scores.max() + 0.05 <= threshold <= scores.same_scores.min() - 0.05
+
+
+def test_widening_photos_name_their_people_by_file_name():
+    # The --extra check of face_pairs.py: a "<person>__" photo is that person's
+    # largest face only; in any other photo each face is somebody new.
+    faces = {"faces": [{"embedding": [1.0, 0.0]}, {"embedding": [0.6, 0.8]}]}
+    found = extra_faces({"extra/group.jpg": faces, "extra/barack_obama__b.jpg": faces, "extra/barack_obama__a.jpg": faces})
+    assert [person for person, _, _ in found] == ["barack_obama", "barack_obama", "group.jpg#0", "group.jpg#1"]
+    scores = all_pair_scores(found)
+    assert [round(s, 3) for _, _, s in scores.same] == [1.0]
+    assert sorted(round(s, 3) for _, _, s in scores.different) == [0.6, 0.6, 0.6, 1.0, 1.0]
 
 
 def test_the_blob_is_rgb_centred_and_channels_first():
