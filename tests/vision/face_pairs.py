@@ -149,6 +149,9 @@ def _main() -> None:
         ]
         extra_paths = sorted(p for p in args.extra.iterdir() if p.is_file())
         extra = pipeline.analyze_many([p.read_bytes() for p in extra_paths], [{"liveness": False}] * len(extra_paths))
+        for path, result in zip(extra_paths, extra):
+            if not isinstance(result, dict):
+                sys.exit(f"{path}: {result}")
         widened = all_pair_scores(labelled + extra_faces(dict(zip(map(str, extra_paths), extra))))
         sys.stdout.write(f"\nWidened with {len(extra_paths)} photos from {args.extra}:\n\n")
         sys.stdout.write(report(widened, pipeline.match_threshold) + "\n")
