@@ -40,6 +40,10 @@ def read(data_path):
         ({"max_faces": 2.0}, "max_faces"),
         ({"min_face_size": -1}, "min_face_size"),
         ({"min_face_size": float("nan")}, "min_face_size"),
+        ({"min_face_size": float("inf")}, "min_face_size"),
+        # JSON decodes a long run of digits to an int that no float holds.
+        ({"min_face_size": 10**400}, "min_face_size"),
+        ({"max_faces": -(10**5000)}, "max_faces"),
         ({"min_face_size": "big"}, "min_face_size"),
         ({"embed": 1}, "embed"),
         ({"liveness": "yes"}, "liveness"),

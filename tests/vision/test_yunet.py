@@ -154,6 +154,18 @@ def test_dynamic_export_agrees_with_fixed_and_batches(yunet_fixed, yunet_dynamic
     assert yunet_dynamic.detect_batch([]) == []
 
 
+def test_dynamic_export_faces_do_not_depend_on_batch_mates(yunet_dynamic, decoded):
+    """A portrait beside a landscape photo would stretch its canvas: that padding moved
+    scores near the edge and added a face, so images of other canvases run apart."""
+    portrait = np.full((1000, 200, 3), 90, np.uint8)
+    for path, image in decoded.items():
+        alone = yunet_dynamic.detect(image)
+        together, _ = yunet_dynamic.detect_batch([image, portrait])
+        assert len(together) == len(alone), path
+        np.testing.assert_array_equal(together.boxes, alone.boxes, err_msg=path)
+        np.testing.assert_array_equal(together.scores, alone.scores, err_msg=path)
+
+
 def test_landmarks_are_in_yunet_order(yunet_fixed, decoded):
     det = yunet_fixed.detect(decoded["images/faces/barack_obama_01.jpg"])
     right_eye, left_eye, nose, right_mouth, left_mouth = det.landmarks[0]

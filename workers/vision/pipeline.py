@@ -75,14 +75,11 @@ def parse_options(options: Mapping[str, Any] | None, max_faces_limit: int) -> Op
     max_faces = options.get("max_faces", max_faces_limit)
     if isinstance(max_faces, bool) or not isinstance(max_faces, int) or max_faces < 1:
         raise InvalidInput(f"option 'max_faces' must be a whole number of at least 1, got {_show(max_faces)}")
-    min_face_size = options.get("min_face_size", 0.0)
-    if (
-        isinstance(min_face_size, bool)
-        or not isinstance(min_face_size, (int, float))
-        or not math.isfinite(min_face_size)
-        or min_face_size < 0
-    ):
-        raise InvalidInput(f"option 'min_face_size' must be a number of pixels >= 0, got {_show(min_face_size)}")
+    min_face_size = _finite_number(options.get("min_face_size", 0.0))
+    if min_face_size is None or min_face_size < 0:
+        raise InvalidInput(
+            f"option 'min_face_size' must be a finite number of pixels >= 0, got {_show(options['min_face_size'])}"
+        )
     flags = {}
     for key in ("embed", "liveness"):
         value = options.get(key, True)
@@ -90,11 +87,28 @@ def parse_options(options: Mapping[str, Any] | None, max_faces_limit: int) -> Op
             raise InvalidInput(f"option {key!r} must be true or false, got {_show(value)}")
         flags[key] = value
     # Asking for more than the fleet allows is not an error: the cap is the answer.
-    return Options(min(max_faces, max_faces_limit), float(min_face_size), flags["embed"], flags["liveness"])
+    return Options(min(max_faces, max_faces_limit), min_face_size, flags["embed"], flags["liveness"])
+
+
+def _finite_number(value: Any) -> float | None:
+    """``value`` as a float, or None if it is not a finite number.
+
+    JSON decodes a long run of digits to a Python int that no float can hold.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int of over 4300 digits, which Python refuses to print
+        text = "(too long to show)"
     return f"{type(value).__name__} {text[:40]}"
 
 

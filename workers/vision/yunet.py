@@ -211,33 +211,33 @@ class YuNet:
         return self.detect_batch([image_bgr])[0]
 
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        """Faces in several images: one model run when the export takes a batch.
+        """Faces in several images: one model run per canvas size when the export takes a batch.
 
-        Every image is scaled to fit the model size, then all are padded to a
-        common canvas (the fixed input, or the largest scaled size rounded up to
-        a multiple of 32).
+        Every image is scaled to fit the model size and padded to its canvas:
+        the fixed input, or its scaled size rounded up to a multiple of 32.
+        Images run together only when their canvases match, because padding
+        changes what YuNet sees near the edge: an image's faces must not
+        depend on which other images share its batch.
         """
         if not images:
             return []
         sizes = [fit_size(im.shape[1], im.shape[0], *self.max_size) for im in images]
-        if self.fixed_canvas is not None:
-            canvas = self.fixed_canvas
-        else:
-            canvas = (
-                round_up(max(w for w, _ in sizes), self.multiple),
-                round_up(max(h for _, h in sizes), self.multiple),
-            )
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, (width, height) in enumerate(sizes):
+            canvas = self.fixed_canvas or (round_up(width, self.multiple), round_up(height, self.multiple))
+            groups.setdefault(canvas, []).append(index)
         chunk = self.max_batch or MAX_BATCH
-        results: list[Detections] = []
-        for start in range(0, len(images), chunk):
-            part = range(start, min(start + chunk, len(images)))
-            boxes = [letterbox(images[i], sizes[i], canvas) for i in part]
-            blob = np.stack([b for b, _ in boxes]).transpose(0, 3, 1, 2).astype(np.float32)
-            raw = self.session.run(list(OUTPUT_NAMES), {self.input_name: blob})
-            outputs = dict(zip(OUTPUT_NAMES, raw))
-            found = decode(outputs, canvas[0], canvas[1], self.score_threshold, self.nms_iou, self.top_k)
-            for (_, lb), det in zip(boxes, found):
-                results.append(_inside(lb.to_original(det), lb))
+        results: list[Detections | None] = [None] * len(images)
+        for canvas, indices in groups.items():
+            for start in range(0, len(indices), chunk):
+                part = indices[start : start + chunk]
+                boxes = [letterbox(images[i], sizes[i], canvas) for i in part]
+                blob = np.stack([b for b, _ in boxes]).transpose(0, 3, 1, 2).astype(np.float32)
+                raw = self.session.run(list(OUTPUT_NAMES), {self.input_name: blob})
+                outputs = dict(zip(OUTPUT_NAMES, raw))
+                found = decode(outputs, canvas[0], canvas[1], self.score_threshold, self.nms_iou, self.top_k)
+                for i, (_, lb), det in zip(part, boxes, found):
+                    results[i] = _inside(lb.to_original(det), lb)
         if self.second_look_below is not None:
             results = self._second_look(images, results)
         return results
