@@ -6,6 +6,7 @@ import resource
 import struct
 import time
 import tracemalloc
+import zlib
 
 import cv2
 import numpy as np
@@ -146,6 +147,24 @@ def test_pixel_limit_names_the_variable():
     with pytest.raises(LimitExceeded, match="IDENT_MAX_PIXELS"):
         decode_image(data, 9_999)
     assert decode_image(data, 10_000).shape == (100, 100, 3)
+
+
+def black_png(width: int, height: int) -> bytes:
+    """A valid RGB PNG of any size, built by hand: libpng will not write one over 1,000,000 px wide."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = zlib.compress(b"".join(b"\x00" + bytes(width * 3) for _ in range(height)))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def test_a_side_too_long_for_the_decoder_is_not_called_corrupt():
+    assert decode_image(black_png(999_999, 2), LIMIT).shape == (2, 999_999, 3)
+    with pytest.raises(InvalidInput, match="side over 1,000,000 px") as refused:
+        decode_image(black_png(1_000_001, 2), LIMIT)
+    assert "corrupt" not in str(refused.value)
 
 
 def test_huge_dimensions_are_refused_from_the_header(data_path, monkeypatch):

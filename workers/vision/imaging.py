@@ -55,6 +55,10 @@ SUPPORTED = (JPEG, PNG, WEBP, BMP)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
+# libpng refuses wider rows by default, and OpenCV any side over 2**20: such a
+# file is valid, so it gets this message rather than "corrupt".
+MAX_SIDE = 1_000_000
+
 # JPEG SOFn markers carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share
 # the range but are not frames.
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -216,6 +220,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     data = bytes(data)
     fmt, width, height = image_size(data)
     LimitExceeded.check(f"{fmt} image of {width}x{height}", width * height, max_pixels, "IDENT_MAX_PIXELS", "pixels")
+    if max(width, height) > MAX_SIDE:
+        raise InvalidInput(
+            f"{fmt} image of {width}x{height} has a side over {MAX_SIDE:,} px, more than the image "
+            "decoder reads; scale it down"
+        )
     _check_complete(fmt, data, width, height)
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
