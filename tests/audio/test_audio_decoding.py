@@ -267,6 +267,30 @@ def test_mp3_decodes_like_one_whole_read(data_path):
     assert np.abs(wave - expected).max() < 1e-3
 
 
+def _mp3_frames_only(samples: np.ndarray, quality: float) -> bytes:
+    """An MP3 of ``samples`` without its Xing/Info frame, as a stream capture or a join has."""
+    buf = io.BytesIO()
+    sf.write(buf, samples, 16000, format="MP3", subtype="MPEG_LAYER_III", compression_level=quality)
+    mp3 = buf.getvalue()
+    tag = max(mp3.find(b"Info", 0, 300), mp3.find(b"Xing", 0, 300))
+    frame = mp3.find(b"\xff", tag)
+    while mp3[frame + 1] & 0xE0 != 0xE0:
+        frame = mp3.find(b"\xff", frame + 1)
+    return mp3[frame:]
+
+
+def test_an_mp3_length_estimate_is_not_taken_for_a_claim():
+    """Without a tag, libsndfile guesses an MP3's length from its first frame's bitrate: a
+    low-bitrate intro before loud audio makes the guess ~5x too long. Only decoded audio counts."""
+    noise = (0.3 * np.random.default_rng(0).standard_normal(16000 * 20)).astype(np.float32)
+    payload = _mp3_frames_only(np.zeros(32000, np.float32), 0.99) + _mp3_frames_only(noise, 0.0)
+    estimated = sf.info(io.BytesIO(payload)).duration
+    wave, info = decode(payload, max_seconds=60)
+    assert estimated > 60 > info["duration_s"] > 20
+    with pytest.raises(LimitExceeded, match="decoded audio duration"):
+        decode(payload, max_seconds=10)
+
+
 def test_a_wav_header_claiming_hours_is_refused_before_reading():
     import struct
 
@@ -286,6 +310,23 @@ def test_a_wav_header_claiming_hours_is_refused_before_reading():
     assert wav_claimed_seconds(honest) == pytest.approx(1.0)
     streaming = forged[:40] + struct.pack("<I", 0xFFFFFFFF) + samples
     assert wav_claimed_seconds(streaming) is None
+
+
+@pytest.mark.parametrize("placeholder", [0, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF])
+def test_a_streamed_wav_decodes_whole(placeholder):
+    """A writer streaming to a pipe cannot go back to fill in the data size (arecord leaves
+    2**31 there, others 0 or 2**32 - 1): its placeholder is no claim, and every sample is read."""
+    import struct
+
+    rate = 16000
+    recording = encode(sine(rate, seconds=5.0), rate, "WAV", "PCM_16")
+    at = recording.index(b"data")
+    streamed = recording[:at + 4] + struct.pack("<I", placeholder) + recording[at + 8:]
+    wave, info = decode(streamed, max_seconds=30)
+    assert info["duration_s"] == pytest.approx(5.0)
+    header_only = streamed[:at + 8]
+    with pytest.raises(InvalidInput, match="holds no audio samples"):
+        decode(header_only, max_seconds=30)
 
 
 def test_refusal_names_what_was_sent():

@@ -90,6 +90,9 @@ def test_options(audio_pipeline, data_path):
     with pytest.raises(InvalidInput, match="true or false"):
         audio_pipeline.analyze(payload, {"spoof": "yes"})
     assert parse_options(None) == OPTIONS and parse_options({}) == OPTIONS
+    # msgpack lets bytes keys through beside str ones; they must not break the message.
+    with pytest.raises(InvalidInput, match=r"unknown audio option\(s\) b'spoof', 'Spoof'"):
+        parse_options({b"spoof": True, "Spoof": True})
 
 
 def test_analyze_many_isolates_bad_items(audio_pipeline, data_path):

@@ -11,11 +11,12 @@ Limits are enforced before the work they protect:
 * the duration the header announces is checked against ``max_seconds`` before
   a single sample is decoded, and decoding stops as soon as the decoded audio
   passes the limit, so a header that understates the length cannot get around
-  it either;
+  it either. An MP3 has no such header (libsndfile estimates its length from
+  the first frame's bitrate), so only the decoded duration counts for it;
 * samples are decoded a quarter of a second at a time and resampled as they
   come, so memory stays proportional to the 16 kHz output (MP3 is the
-  exception: it is read in one call up to the length its header announces,
-  to step around a libsndfile bug, see ``_read_mono_16k``).
+  exception: it is read in one call, up to its estimated length or just past
+  the limit, to step around a libsndfile bug, see ``_read_mono_16k``).
 
 Truncated streams: WAV and MP3 readers stop quietly at the end of the bytes, so
 a cut-off WAV simply decodes shorter. FLAC and Ogg raise a decoding error at
@@ -57,6 +58,9 @@ MAX_RATE = 768000
 MAX_CHANNELS = 64
 # libsndfile reports this frame count for a stream whose length it cannot tell.
 _UNKNOWN_FRAMES = 2**62
+# What a writer streaming to a pipe puts in a WAV's data size, unable to seek
+# back and fill in the length: 0, 2**32 - 1, or 2**31 (arecord).
+_WAV_UNKNOWN_SIZES = frozenset({0, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF})
 
 _DECODER_ERRORS = (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OverflowError)
 
@@ -77,6 +81,7 @@ def decode(payload: bytes, max_seconds: float, *, min_seconds: float = MIN_SECON
     """
     if not payload:
         raise InvalidInput(f"the audio payload is empty (0 bytes); send the bytes of a {SUPPORTED} file")
+    payload = wav_with_streamed_length(payload)
     claimed = wav_claimed_seconds(payload)
     if claimed is not None:
         LimitExceeded.check(
@@ -97,7 +102,15 @@ def decode(payload: bytes, max_seconds: float, *, min_seconds: float = MIN_SECON
             "format": handle.format,
             "subtype": handle.subtype,
         }
-        _check_header(rate, channels, frames, max_seconds)
+        _check_header(rate, channels)
+        # Without a Xing/Info tag an MP3 has no length, and libsndfile estimates one from
+        # the first frame's bitrate: a low-bitrate intro makes it many times too long.
+        # The decode loop enforces the limit on what is actually decoded.
+        if handle.format != "MP3" and 0 < frames < _UNKNOWN_FRAMES:
+            LimitExceeded.check(
+                "the audio duration announced by the file header", frames / rate, max_seconds,
+                "IDENT_MAX_AUDIO_SECONDS", "s",
+            )
         wave, frames_read, error = _read_mono_16k(handle, rate, channels, max_seconds)
 
     seconds_read = frames_read / rate
@@ -127,12 +140,9 @@ def decode(payload: bytes, max_seconds: float, *, min_seconds: float = MIN_SECON
     return wave, info
 
 
-def wav_claimed_seconds(payload: bytes) -> float | None:
-    """The length a RIFF/WAVE header's data chunk claims, in seconds, or None.
+def _wav_data_chunk(payload: bytes) -> tuple[int, int, int | None] | None:
+    """(offset, claimed size, byte rate) of a RIFF/WAVE file's data chunk, or None.
 
-    libsndfile sizes a WAV by the bytes actually present, so a header that
-    claims hours over a second of samples would pass unnoticed; a claim that
-    absurd marks a forged or broken file, and is refused before any reading.
     Only the chunk headers are walked: nothing is decoded or allocated.
     """
     if len(payload) < 12 or payload[:4] != b"RIFF" or payload[8:12] != b"WAVE":
@@ -145,15 +155,46 @@ def wav_claimed_seconds(payload: bytes) -> float | None:
         if chunk_id == b"fmt " and offset + 20 <= len(payload):
             byte_rate = int.from_bytes(payload[offset + 16:offset + 20], "little")
         elif chunk_id == b"data":
-            # 0 and 0xFFFFFFFF are what streaming writers put when the length is unknown.
-            if byte_rate and 0 < size < 0xFFFFFFFF:
-                return size / byte_rate
-            return None
+            return offset, size, byte_rate
         offset += 8 + size + (size & 1)
     return None
 
 
-def _check_header(rate: int, channels: int, frames: int, max_seconds: float) -> None:
+def wav_claimed_seconds(payload: bytes) -> float | None:
+    """The length a RIFF/WAVE header's data chunk claims, in seconds, or None.
+
+    libsndfile sizes a WAV by the bytes actually present, so a header that
+    claims hours over a second of samples would pass unnoticed; a claim that
+    absurd marks a forged or broken file, and is refused before any reading.
+    A streaming writer's placeholder is no claim: the length is unknown.
+    """
+    chunk = _wav_data_chunk(payload)
+    if chunk is None:
+        return None
+    _, size, byte_rate = chunk
+    if not byte_rate or size in _WAV_UNKNOWN_SIZES:
+        return None
+    return size / byte_rate
+
+
+def wav_with_streamed_length(payload: bytes) -> bytes:
+    """``payload`` with a data size of 0 replaced by the bytes that follow it.
+
+    libsndfile reads a data chunk of size 0 as empty, but a writer streaming to
+    a pipe, or one stopped before it went back to fill in the size, leaves 0
+    there with the samples after it.
+    """
+    chunk = _wav_data_chunk(payload)
+    if chunk is None or chunk[1] != 0:
+        return payload
+    offset = chunk[0]
+    present = len(payload) - (offset + 8)
+    if present <= 0:
+        return payload
+    return payload[:offset + 4] + present.to_bytes(4, "little") + payload[offset + 8:]
+
+
+def _check_header(rate: int, channels: int) -> None:
     if not MIN_RATE <= rate <= MAX_RATE:
         raise InvalidInput(
             f"the audio header gives a sample rate of {rate} Hz; rates from {MIN_RATE} to {MAX_RATE} Hz are "
@@ -162,11 +203,6 @@ def _check_header(rate: int, channels: int, frames: int, max_seconds: float) -> 
     if not 1 <= channels <= MAX_CHANNELS:
         raise InvalidInput(
             f"the audio header gives {channels} channels; 1 to {MAX_CHANNELS} are supported (the file may be corrupt)"
-        )
-    if 0 < frames < _UNKNOWN_FRAMES:
-        LimitExceeded.check(
-            "the audio duration announced by the file header", frames / rate, max_seconds,
-            "IDENT_MAX_AUDIO_SECONDS", "s",
         )
 
 
@@ -178,11 +214,11 @@ def _read_mono_16k(handle: sf.SoundFile, rate: int, channels: int, max_seconds: 
     # after the boundary between two read calls on some files (measured on
     # audio/antispoof/spoof/trump_fake_*.mp3: block reads correlate 0.998 with
     # ffmpeg's decode, one whole read 0.99999). So an MP3 is read in one call
-    # up to the frame count its header announces, which _check_header bounded;
-    # blocks only pick up anything past that count.
+    # up to the frame count libsndfile announces (or just past the limit, so
+    # that a longer one is refused); blocks only pick up anything past that.
     first = block
     if handle.format == "MP3" and 0 < handle.frames < _UNKNOWN_FRAMES:
-        first = handle.frames
+        first = min(handle.frames, limit_frames + 1)
     resampler = None if rate == TARGET_RATE else soxr.ResampleStream(rate, TARGET_RATE, 1, dtype="float32", quality="HQ")
     pieces: list[np.ndarray] = []
     frames_read = 0

@@ -46,9 +46,11 @@ def parse_options(options: Mapping[str, Any] | None) -> dict[str, bool]:
         return dict(OPTIONS)
     if not isinstance(options, Mapping):
         raise InvalidInput(f"options must be an object/dict, got {type(options).__name__}")
-    unknown = sorted(set(options) - set(OPTIONS))
+    # Not sorted: msgpack lets bytes keys through beside str ones, and those do not compare.
+    unknown = [key for key in options if key not in OPTIONS]
     if unknown:
-        raise InvalidInput(f"unknown audio option(s) {unknown}; known options: {sorted(OPTIONS)}")
+        shown = ", ".join(repr(key)[:40] for key in unknown[:5])
+        raise InvalidInput(f"unknown audio option(s) {shown}; known options: {', '.join(OPTIONS)}")
     parsed = dict(OPTIONS)
     for key, value in options.items():
         if not isinstance(value, bool):
