@@ -120,6 +120,18 @@ def test_input_name_comes_from_catalog_or_the_only_input():
         SpeakerEmbedder(_FakeSession("a", "b"), spec)
 
 
+def test_speech_past_60_s_does_not_shift_the_kept_features():
+    """Only the first 60 s reach the model, so the CMN mean is theirs alone."""
+    embedder = SpeakerEmbedder(_FakeSession("feature"), get_spec("campplus_sv_zh_en"))
+    noise = np.random.default_rng(1)
+    first = (0.1 * noise.standard_normal(16000 * 61)).astype(np.float32)
+    louder_tail = (0.8 * noise.standard_normal(16000 * 30)).astype(np.float32)
+    kept = embedder.features(first)
+    assert kept.shape == (6000, 80)
+    np.testing.assert_allclose(kept.mean(axis=0), 0.0, atol=1e-3)
+    np.testing.assert_array_equal(embedder.features(np.concatenate([first, louder_tail])), kept)
+
+
 def test_batched_embeddings_equal_single(audio_pipeline, decode_file):
     waves = [decode_file(p)[0] for p in (
         "audio/speakers/librispeech_533_02.flac",

@@ -29,7 +29,8 @@ to a multiple of ``BUCKET_FRAMES`` (20 frames = 0.2 s, so at most 0.19 s is
 dropped) and utterances of equal frame count run as one batch. The cut depends
 only on the utterance itself, so an embedding is the same whether it was
 computed alone or batched with others. Utterances longer than
-``MAX_FRAMES`` (60 s of speech) keep their first 60 s.
+``MAX_FRAMES`` (60 s of speech) keep their first 60 s. The cut comes before
+CMN, so the mean is that of the frames the model sees.
 """
 
 from __future__ import annotations
@@ -141,8 +142,11 @@ class SpeakerEmbedder:
         )
 
     def features(self, wave: np.ndarray) -> np.ndarray:
-        """The model input of one utterance: fbank, CMN, then :func:`fit_length`."""
+        """The model input of one utterance: fbank, cut to its bucket, CMN, then :func:`fit_length`."""
         feats = fbank(wave, self.fbank_options)
+        # The mean is taken over the frames the model sees: past 60 s of speech
+        # the rest is dropped, and must not shift what is kept.
+        feats = feats[: bucket_length(len(feats))]
         if self.use_cmn:
             feats = cmn(feats)
         return fit_length(feats)
