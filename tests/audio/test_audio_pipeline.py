@@ -160,3 +160,18 @@ def test_a_decoder_bug_fails_its_own_payload_with_a_contract_error(audio_pipelin
     # A producer gets a type from the contract's error table, not the worker's internal one.
     assert type(out[0]) is InvalidInput and "IndexError" in str(out[0])
     assert isinstance(out[1], dict) and out[1]["embedding"] is not None
+
+
+def test_a_time_limit_while_decoding_is_not_called_bad_input(audio_pipeline, data_path, monkeypatch):
+    """The catch-all for decoder bugs must let the job's soft time limit through: the
+    recording may be fine, and InvalidInput would tell its producer never to retry it."""
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    from workers.audio import pipeline as module
+
+    def out_of_time(*args, **kwargs):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(module, "decode", out_of_time)
+    with pytest.raises(SoftTimeLimitExceeded):
+        audio_pipeline.analyze_many([(data_path / "audio/speakers/fsdd_george_02.wav").read_bytes()])

@@ -259,3 +259,18 @@ def test_logs_carry_no_biometrics(pipeline, read, caplog):
     text = caplog.text
     for number in face["embedding"][:5] + [face["landmarks"][0][0]]:
         assert repr(number) not in text and f"{number:.3f}" not in text
+
+
+def test_a_time_limit_while_decoding_is_not_called_bad_input(pipeline, read, monkeypatch):
+    """The catch-all for decoder bugs must let the job's soft time limit through: the
+    photo may be fine, and InvalidInput would tell its producer never to retry it."""
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    from workers.vision import pipeline as module
+
+    def out_of_time(*args, **kwargs):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(module, "decode_image", out_of_time)
+    with pytest.raises(SoftTimeLimitExceeded):
+        pipeline.analyze_many([read("images/faces/barack_obama_01.jpg")])

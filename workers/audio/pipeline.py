@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from billiard.exceptions import SoftTimeLimitExceeded
 
 from tasks.errors import IdentError, InvalidInput, LimitExceeded, NoSpeechFound
 
@@ -138,6 +139,8 @@ class AudioPipeline:
                 jobs.append(job)
             except InvalidInput as exc:
                 results[i] = exc
+            except SoftTimeLimitExceeded:
+                raise  # the job ran out of time; its bytes may be fine
             except Exception as exc:  # a decoder bug must not fail the other payloads
                 log.exception("audio payload %d failed to decode with an unexpected error", i)
                 results[i] = InvalidInput(f"the audio could not be decoded ({type(exc).__name__})")

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from billiard.exceptions import SoftTimeLimitExceeded
 
 from tasks.errors import ConfigurationError, IdentError, InvalidInput, LimitExceeded, NoFaceFound
 
@@ -248,6 +249,8 @@ class VisionPipeline:
             except IdentError as exc:
                 slots.append(exc)
                 continue
+            except SoftTimeLimitExceeded:
+                raise  # the job ran out of time; its bytes may be fine
             except Exception as exc:  # one undecodable payload must not fail its batch-mates
                 log.warning("image decoder failed unexpectedly: %s", type(exc).__name__)
                 slots.append(InvalidInput(f"the image could not be decoded ({type(exc).__name__})"))
