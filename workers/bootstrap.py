@@ -213,6 +213,7 @@ class FleetTask(Task):
         refuse_without_models()
         current_runtime().job_started_at = time.time()
         with self.delivery(self.request.id, args, kwargs):
+            bound_arguments(self.run, args, kwargs)
             return super().__call__(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -303,15 +304,23 @@ class AnalyzeTask(FleetTask):
             for slot, item in enumerate(items):
                 try:
                     deliveries.enter_context(self.delivery(item.task_id, item.args, item.kwargs))
-                    bound = inspect.signature(self.run).bind(*item.args, **item.kwargs)
-                    payloads.append(self.payload(bound.arguments[self.payload_name], self.payload_name))
-                    options.append(options_dict(bound.arguments.get("options")))
+                    bound = bound_arguments(self.run, item.args, item.kwargs)
+                    payloads.append(self.payload(bound[self.payload_name], self.payload_name))
+                    options.append(options_dict(bound.get("options")))
                     slots.append(slot)
-                except (IdentError, TypeError) as exc:  # this job's own failure, reported to its producer
-                    outcomes[slot] = exc if isinstance(exc, IdentError) else InvalidInput(f"bad arguments: {exc}")
+                except IdentError as exc:  # this job's own failure, reported to its producer
+                    outcomes[slot] = exc
             for slot, result in zip(slots, runtime.pipeline.analyze_many(payloads, options)):
                 outcomes[slot] = result if isinstance(result, BaseException) else runtime.finish(result)
         return outcomes
+
+
+def bound_arguments(run: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The job's arguments by name; InvalidInput when they do not fit the task's signature."""
+    try:
+        return dict(inspect.signature(run).bind(*args, **kwargs).arguments)
+    except TypeError as exc:
+        raise InvalidInput(f"bad arguments: {exc}; see docs/contract.md for each task's arguments") from None
 
 
 def refuse_without_models() -> None:

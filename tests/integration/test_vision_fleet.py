@@ -68,6 +68,15 @@ def test_verify_without_a_face_says_which_image(fleet, client, data_path):
     assert "image_b" in str(refused.value)
 
 
+@pytest.mark.parametrize("name,args", [("vision.analyze", []), ("vision.verify", [b"only one image"])])
+def test_wrong_arguments_are_invalid_input(fleet, client, name, args):
+    """A producer that sends the wrong arguments learns it from a typed error, not a TypeError."""
+    with pytest.raises(Exception) as refused:
+        client.app.send_task(name, args=args).get(timeout=60)
+    assert type(refused.value).__name__ == "InvalidInput"
+    assert "bad arguments" in str(refused.value)
+
+
 def test_ident_submit_prints_and_draws(fleet, fleet_env, data_path, tmp_path):
     photo = data_path / "images" / "multi_face" / "two_people.jpg"
     drawn = tmp_path / "drawn.png"
