@@ -8,8 +8,12 @@ still gets its own result, its own failure and its own acknowledgement.
 
 Written here rather than taken from celery-batches: that package pins
 Celery < 5.7, flushes on a timer in whole seconds of latency budget, and does
-not put a batch's jobs back when its pool process dies; here a lost process
-requeues every job of its batch at once, as a single job would be.
+not put a batch's jobs back when its pool process dies. Here a batch that
+loses its process or runs out of time runs again one job at a time, so that
+only the job that caused it fails (or, killing its process on every delivery,
+ends as a PoisonMessage) and its batch-mates finish. A job sent with a
+countdown or an ETA runs alone, and a job revoked or expired while it waited
+for its batch is not run.
 """
 
 from __future__ import annotations
@@ -19,18 +23,21 @@ import logging
 import time
 from dataclasses import dataclass
 
-from billiard.exceptions import WorkerLostError
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from celery import signals
 from celery.exceptions import Reject
 from celery.utils.imports import symbol_by_name
 from celery.worker.request import create_request_cls
 from celery.worker.state import task_accepted, task_ready, task_reserved
+from celery.worker.strategy import default as default_strategy
 
 from workers.bootstrap import current_runtime, forget_unstored
 
 log = logging.getLogger(__name__)
 
 BATCH_STRATEGY = "workers.batching:batching_strategy"
+# Failures of a batch as a whole that one of its jobs alone may have caused.
+ALONE_AFTER = (WorkerLostError, SoftTimeLimitExceeded, TimeLimitExceeded)
 
 
 @dataclass
@@ -51,7 +58,11 @@ def batching_strategy(task, app, consumer, **kwargs):
     max_wait_s = settings.max_wait_ms / 1000.0
     hostname = consumer.hostname
     eventer = consumer.event_dispatcher
+    revoked_tasks = consumer.controller.state.revoked
     Request = create_request_cls(symbol_by_name(task.Request), task, consumer.pool, hostname, eventer, app=app)
+    # A job sent with a countdown or an ETA waits on Celery's timer and then
+    # runs alone, as it would without batching.
+    one_at_a_time = default_strategy(task, app, consumer, **kwargs)
     buffer: list = []
     timer_entry = [None]
 
@@ -59,10 +70,14 @@ def batching_strategy(task, app, consumer, **kwargs):
         if timer_entry[0] is not None:
             timer_entry[0].cancel()
             timer_entry[0] = None
-        if not buffer:
-            return
-        requests = list(buffer)
+        # A job revoked or expired while it waited is acknowledged and marked so, not run.
+        requests = [request for request in buffer if not request.revoked()]
         buffer.clear()
+        if requests:
+            dispatch(requests)
+
+    def dispatch(requests: list) -> bool:
+        """Hand ``requests`` to the pool as one job; False when the pool is shutting down."""
         items = [BatchItem(r.id, tuple(r._payload[0]), dict(r._payload[1])) for r in requests]
 
         def on_accepted(pid, time_accepted):
@@ -78,26 +93,33 @@ def batching_strategy(task, app, consumer, **kwargs):
             # billiard hands over an ExceptionInfo or an ExceptionWithTraceback.
             exception = getattr(exc_info, "exception", exc_info)
             exception = getattr(exception, "exc", exception)
+            if len(requests) > 1 and isinstance(exception, ALONE_AFTER):
+                # Any one job may have killed the process or used up the time:
+                # each runs again alone, so that only the culprit fails.
+                log.warning("a batch of %d %s jobs failed as a whole (%s); running each alone",
+                            len(requests), task.name, type(exception).__name__)
+                for request in requests:
+                    if not dispatch([request]):
+                        request.reject(requeue=True)
+                        task_ready(request)
+                return
             if isinstance(exception, (WorkerLostError, Reject)):
-                # The pool process died or was killed mid-batch, or could not
-                # load its models: put every job back at once so that another
-                # process runs it (each delivery is counted, so a batch that
-                # kills its process every time ends).
-                log.warning("a batch of %d %s jobs lost its pool process; requeueing them",
-                            len(requests), task.name)
+                # The pool process died or was killed, or could not load its
+                # models: put the job back so that another process runs it (each
+                # delivery is counted, so a job that kills its process every time ends).
+                log.warning("%d %s job(s) lost their pool process; requeueing them", len(requests), task.name)
                 for request in requests:
                     request.reject(requeue=True)
                     task_ready(request)
                 return
-            # A time limit or another failure of the batch as a whole: every
-            # job of it fails with that error, as a single job would.
-            log.error("a batch of %d %s jobs failed: %s", len(requests), task.name, type(exception).__name__)
+            log.error("%d %s job(s) failed: %s", len(requests), task.name, type(exception).__name__)
             for request in requests:
+                request.release_keys()
                 task.backend.mark_as_failure(request.id, exception)
                 request.acknowledge()
                 task_ready(request)
 
-        consumer.pool.apply_async(
+        return consumer.pool.apply_async(
             run_batch,
             args=(task.name, items),
             accept_callback=on_accepted,
@@ -105,14 +127,18 @@ def batching_strategy(task, app, consumer, **kwargs):
             error_callback=on_error,
             soft_timeout=task.soft_time_limit or app.conf.task_soft_time_limit,
             timeout=task.time_limit or app.conf.task_time_limit,
-        )
+        ) is not None
 
     def task_message_handler(message, body, ack, reject, callbacks, **kw):
+        if message.headers.get("eta"):
+            return one_at_a_time(message, body, ack, reject, callbacks, **kw)
         request = Request(
             message, on_ack=ack, on_reject=reject, app=app, hostname=hostname, eventer=eventer,
             task=task, connection_errors=consumer.connection_errors, body=message.body,
             headers=message.headers, decoded=False, utc=app.uses_utc_timezone(),
         )
+        if (request.expires or request.id in revoked_tasks) and request.revoked():
+            return
         signals.task_received.send(sender=consumer, request=request)
         task_reserved(request)
         buffer.append(request)

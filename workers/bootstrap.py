@@ -50,7 +50,15 @@ from tasks.contract import (
 from tasks.errors import DeviceUnavailable, IdentError, InvalidInput, LimitExceeded, PoisonMessage
 from tasks.settings import Settings, load_settings
 from workers import logsafety
-from workers.jobkeys import RESULT_BACKEND, FleetResultBackend, count_and_fetch, fetch_payloads
+from workers.jobkeys import (
+    RESULT_BACKEND,
+    FleetResultBackend,
+    count_and_fetch,
+    delivery_counter_key,
+    fetch_payloads,
+    is_payload_key,
+    payload_references,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +214,9 @@ class FleetTask(Task):
     """
 
     abstract = True
-    # The worker shows redacted argument reprs, whatever the producer sent (see logsafety).
-    Request = "workers.logsafety:SafeRequest"
+    # The worker shows redacted argument reprs, whatever the producer sent (see logsafety),
+    # and a job the main process ends itself takes its Redis keys along (see jobkeys).
+    Request = "workers.jobkeys:FleetRequest"
 
     def __call__(self, *args, **kwargs):
         refuse_without_models()
@@ -220,10 +229,8 @@ class FleetTask(Task):
     def delivery(self, task_id: str, args: tuple, kwargs: dict):
         settings = current_runtime().settings
         client = self.app.backend.client
-        key = f"ident:deliveries:{task_id}"
-        values = list(args) + list(kwargs.values())
-        references = [v[PAYLOAD_REF_FIELD] for v in values if isinstance(v, dict) and PAYLOAD_REF_FIELD in v]
-        references = [r for r in references if _is_payload_key(r)]
+        key = delivery_counter_key(task_id)
+        references = payload_references(args, kwargs)
         owned = [key, *references]
         ttl = max(settings.visibility_timeout, settings.task_time_limit) * (settings.max_deliveries + 1)
         deliveries, fetched = through_redis_outage(
@@ -267,7 +274,7 @@ class FleetTask(Task):
         settings = current_runtime().settings
         if isinstance(value, dict) and PAYLOAD_REF_FIELD in value:
             reference = value[PAYLOAD_REF_FIELD]
-            if not _is_payload_key(reference):
+            if not is_payload_key(reference):
                 raise InvalidInput(f"{name}.{PAYLOAD_REF_FIELD} must be a Redis key starting with {PAYLOAD_KEY_PREFIX!r}")
             found = _fetched_payloads.get(reference)
             if found is None:  # not among the job's arguments that delivery() fetched
@@ -362,10 +369,6 @@ def _forget(client, keys: list[str]) -> None:
         through_redis_outage(lambda: client.delete(*keys), "delete a finished job's keys", patience=30.0)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         log.warning("could not delete %d keys of a finished job (%s); they expire on their own", len(keys), exc)
-
-
-def _is_payload_key(reference: Any) -> bool:
-    return isinstance(reference, str) and reference.startswith(PAYLOAD_KEY_PREFIX) and len(reference) < 200
 
 
 def payload_bytes(value: Any, name: str, settings: Settings) -> bytes:

@@ -16,13 +16,61 @@ jobs, so a job's Redis work costs two round trips, not six:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
+from tasks.contract import PAYLOAD_KEY_PREFIX, PAYLOAD_REF_FIELD
+from workers.logsafety import SafeRequest
 
 RESULT_BACKEND = "workers.jobkeys:FleetResultBackend"
+
+
+def delivery_counter_key(task_id: str) -> str:
+    return f"ident:deliveries:{task_id}"
+
+
+def is_payload_key(reference: Any) -> bool:
+    return isinstance(reference, str) and reference.startswith(PAYLOAD_KEY_PREFIX) and len(reference) < 200
+
+
+def payload_references(args, kwargs) -> list[str]:
+    """The payload keys a job's arguments refer to."""
+    values = list(args or ()) + list((kwargs or {}).values())
+    references = [v[PAYLOAD_REF_FIELD] for v in values if isinstance(v, dict) and PAYLOAD_REF_FIELD in v]
+    return [r for r in references if is_payload_key(r)]
+
+
+def job_keys(task_id: str, args, kwargs) -> list[str]:
+    """Every Redis key a job owns: its delivery counter and its payloads."""
+    return [delivery_counter_key(task_id), *payload_references(args, kwargs)]
+
+
+class FleetRequest(SafeRequest):
+    """A job as the worker's main process sees it.
+
+    The main process itself stores the end of a job whose pool process hit
+    the hard time limit, of a batch that failed as a whole, and of a job
+    revoked or expired before it ran. None of them runs again, so the job's
+    keys go with that result instead of lingering until they expire.
+    """
+
+    def release_keys(self) -> None:
+        backend = self.task.backend
+        if isinstance(backend, FleetResultBackend):
+            backend.delete_with_result(self.id, job_keys(self.id, self.args, self.kwargs))
+
+    def on_timeout(self, soft, timeout):
+        if not soft:
+            self.release_keys()
+        super().on_timeout(soft, timeout)
+
+    def _announce_revoked(self, reason, terminated, signum, expired):
+        # Where Celery (4 to 5.7) stores a revoked or expired job's end.
+        self.release_keys()
+        super()._announce_revoked(reason, terminated, signum, expired)
 
 # STRLEN then GET, atomically: {size} when the value is larger than ARGV[1] or
 # missing, {size, bytes} otherwise.
