@@ -25,7 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -119,6 +119,8 @@ TOOLKIT_FIX = (
 )
 
 CONTAINER_POINTER = "give the container GPU access: see the 'container GPU access' check"
+GPU_SELECTION = "GPU selection (hybrid graphics)"
+NO_GPU_POINTER = f"none: this machine has no NVIDIA GPU (see the '{GPU_SELECTION}' check)"
 
 
 class DoctorError(IdentError):
@@ -557,6 +559,26 @@ def _gpus_sysfs(probes: Mapping) -> list[dict]:
     return list(probes.get("gpus_sysfs") or [])
 
 
+def _no_nvidia_gpu(probes: Mapping) -> bool:
+    """Whether the PCI bus was read and holds no NVIDIA GPU, and nothing else saw one.
+
+    Every NVIDIA GPU is a display-class PCI device, which the sysfs probe lists
+    with or without a driver; a container sees its host's bus there too.
+    """
+    return (
+        bool(probes.get("pci_devices"))
+        and not any(g.get("vendor") == NVIDIA_VENDOR for g in _gpus_sysfs(probes))
+        and not _smi_gpus(probes)
+        and not _facts(probes).device_count
+    )
+
+
+def _no_gpu_fix(probes: Mapping) -> str:
+    if (probes.get("settings") or {}).get("device") == "cpu":
+        return "nothing to do for IDENT_DEVICE=cpu; for CUDA, run the worker on a host with an NVIDIA GPU"
+    return "run the worker on a host with an NVIDIA GPU, or set IDENT_DEVICE=cpu to make CPU the stated choice"
+
+
 def _hybrid(probes: Mapping) -> bool:
     vendors = {g.get("vendor") for g in _gpus_sysfs(probes)}
     return NVIDIA_VENDOR in vendors and bool(vendors & INTEGRATED_VENDORS)
@@ -575,8 +597,16 @@ def _describe_gpu(gpu: Mapping) -> str:
 
 def check_gpu_selection(probes: Mapping) -> Check:
     """Hybrid graphics: an NVIDIA (often MX) dGPU beside an Intel/AMD iGPU."""
-    name = "GPU selection (hybrid graphics)"
+    name = GPU_SELECTION
     gpus = _gpus_sysfs(probes)
+    if not gpus and _no_nvidia_gpu(probes):
+        return Check(
+            name,
+            FAIL,
+            f"no NVIDIA GPU in this machine: none of its {probes['pci_devices']} PCI devices is a display device; "
+            "CUDA needs an NVIDIA GPU, so ONNX Runtime runs on the CPU",
+            _no_gpu_fix(probes),
+        )
     if not gpus:
         return Check(name, SKIP, "no display-class PCI device or /sys/class/drm card visible (server, VM or container)")
     nvidia = [g for g in gpus if g.get("vendor") == NVIDIA_VENDOR]
@@ -588,7 +618,7 @@ def check_gpu_selection(probes: Mapping) -> Check:
             name,
             status,
             f"no NVIDIA GPU here, only {listed}: CUDA needs an NVIDIA GPU, so ONNX Runtime runs on the CPU",
-            "run the worker on a host with an NVIDIA GPU, or set IDENT_DEVICE=cpu to make CPU the stated choice",
+            _no_gpu_fix(probes),
         )
     unbound = [g for g in nvidia if g.get("driver") != "nvidia"]
     if unbound:
@@ -892,12 +922,8 @@ def check_settings(probes: Mapping) -> Check:
                 "the reserved GPUs are renumbered from 0)",
             )
     if device == "cpu":
-        return Check(
-            name,
-            WARN,
-            f"{detail}: the worker is told to use the CPU whatever this host can do",
-            "set IDENT_DEVICE=auto (or cuda, to refuse to start without CUDA)",
-        )
+        # A stated choice, right on a host without a GPU; the verdict says when CUDA would work.
+        return Check(name, OK, f"{detail}: the worker uses the CPU, as chosen")
     return Check(name, OK, detail)
 
 
@@ -1001,6 +1027,12 @@ def evaluate(probes: Mapping) -> list[Check]:
     """The checklist for a host, from its probes alone. Pure: no host access."""
     checks = [check(probes) for check in CHECKS]
     checks.extend(check_placements(probes))
+    if _no_nvidia_gpu(probes):
+        # A driver, the container toolkit or CUDA libraries cannot help a machine without the GPU.
+        checks = [
+            replace(c, fix=NO_GPU_POINTER) if c.fix and c.name not in (GPU_SELECTION, "IDENT_* settings") else c
+            for c in checks
+        ]
     return checks
 
 
@@ -1020,6 +1052,12 @@ def verdict(checks: Sequence[Check], probes: Mapping) -> tuple[bool, str]:
         if (probes.get("settings") or {}).get("device") == "cpu":
             text += "; but IDENT_DEVICE=cpu keeps the worker on the CPU"
         return True, text
+    if _no_nvidia_gpu(probes):
+        chosen = (probes.get("settings") or {}).get("device") == "cpu"
+        return False, (
+            "CUDA cannot be used, the worker would run on CPU: no NVIDIA GPU in this machine; "
+            + ("IDENT_DEVICE=cpu already says so" if chosen else "set IDENT_DEVICE=cpu")
+        )
     reason = explain_cpu_fallback(_facts(probes), _gpu_ids(probes)[0])
     if reason is None:
         first = next((c for c in failed if c.name != "CUDA execution provider"), failed[0])
@@ -1219,6 +1257,14 @@ def probe_gpus_sysfs(sys_root: Path = Path("/sys")) -> list[dict]:
     return gpus
 
 
+def probe_pci_devices(sys_root: Path = Path("/sys")) -> int | None:
+    """How many PCI devices this machine shows; None when its bus cannot be read."""
+    try:
+        return len(list((sys_root / "bus" / "pci" / "devices").iterdir()))
+    except OSError:
+        return None
+
+
 def probe_nvidia_module(proc_root: Path = Path("/proc")) -> dict:
     modules = []
     for line in (_read(proc_root / "modules") or "").splitlines():
@@ -1308,6 +1354,7 @@ def collect_probes(environ: Mapping[str, str] | None = None, *, models: bool = T
         "nvidia_module": probe_nvidia_module(),
         "container": probe_container(),
         "gpus_sysfs": probe_gpus_sysfs(),
+        "pci_devices": probe_pci_devices(),
         "libraries": probe_libraries(sonames),
         "ldconfig": probe_ldconfig(),
         "pip": {"nvidia": ort_packages["nvidia"], "nvidia_libs": ort_packages["nvidia_libs"]},
@@ -1360,7 +1407,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             report = collect(models=not args.no_models)
         if args.save_probes:
-            args.save_probes.write_text(json.dumps(report.probes, indent=2, sort_keys=True) + "\n")
+            try:
+                args.save_probes.write_text(json.dumps(report.probes, indent=2, sort_keys=True) + "\n")
+            except OSError as exc:
+                raise DoctorError(f"cannot write the probes to {args.save_probes}: {exc.strerror or exc}") from exc
         if args.json:
             sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
         else:

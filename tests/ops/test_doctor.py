@@ -565,7 +565,9 @@ def test_settings_that_keep_the_worker_on_cpu_or_past_the_last_gpu():
     probes = h100_host()
     probes["settings"]["device"] = "cpu"
     report = build_report(probes)
-    assert {c.name: c for c in report.checks}["IDENT_* settings"].status == WARN
+    # A stated choice is not nagged about; the verdict still says CUDA would work.
+    settings = {c.name: c for c in report.checks}["IDENT_* settings"]
+    assert settings.status == OK and settings.fix is None
     assert report.cuda_usable and "IDENT_DEVICE=cpu keeps the worker on the CPU" in report.verdict
     probes["settings"].update(device="auto", gpu_ids=[0, 1])
     check = checks_by_name(probes)["IDENT_* settings"]
@@ -708,6 +710,57 @@ def _has_driver() -> bool:
     return True
 
 
+def vm_without_gpu(tmp_path: Path, device: str = "auto") -> dict:
+    """The recorded GPU-less container with the PCI bus recorded on the development
+    machine, a VM with no display device at all, read back by the real sysfs probes."""
+    probes = json.loads(fixture("gpuless_container.probes.json"))
+    tree = json.loads(fixture("sysfs_vm_no_gpu.json"))
+    tree.pop("_comment")
+    for relative, content in tree.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(content)
+    probes["gpus_sysfs"] = doctor.probe_gpus_sysfs(tmp_path)
+    probes["pci_devices"] = doctor.probe_pci_devices(tmp_path)
+    probes["settings"]["device"] = device
+    return probes
+
+
+def test_a_machine_without_an_nvidia_gpu_is_told_so_not_to_install_drivers(tmp_path):
+    probes = vm_without_gpu(tmp_path)
+    assert probes["gpus_sysfs"] == [] and probes["pci_devices"] == 6
+    report = build_report(probes)
+    checks = {c.name: c for c in report.checks}
+    assert not report.cuda_usable and report.exit_code == 1
+    assert report.verdict == "CUDA cannot be used, the worker would run on CPU: no NVIDIA GPU in this machine; " \
+                             "set IDENT_DEVICE=cpu"
+    selection = checks["GPU selection (hybrid graphics)"]
+    assert selection.status == FAIL and "none of its 6 PCI devices is a display device" in selection.detail
+    assert "IDENT_DEVICE=cpu" in selection.fix
+    # The facts stay (no nvidia-smi, no libcuda); the fixes for a machine with a GPU go.
+    assert checks["nvidia-smi"].status == checks["driver library (libcuda.so.1)"].status == FAIL
+    fixes = " ".join(c.fix or "" for c in report.checks)
+    for advice in ("Container Toolkit", "modprobe", "pip install", "install the NVIDIA driver"):
+        assert advice not in fixes
+    assert checks["container GPU access"].fix == doctor.NO_GPU_POINTER
+
+
+def test_cpu_chosen_on_a_machine_without_an_nvidia_gpu_is_not_nagged(tmp_path):
+    report = build_report(vm_without_gpu(tmp_path, device="cpu"))
+    checks = {c.name: c for c in report.checks}
+    assert checks["IDENT_* settings"].status == OK and checks["IDENT_* settings"].fix is None
+    assert report.verdict.endswith("no NVIDIA GPU in this machine; IDENT_DEVICE=cpu already says so")
+    assert not any("IDENT_DEVICE=auto" in (c.fix or "") for c in report.checks)
+
+
+def test_an_unreadable_pci_bus_proves_nothing(tmp_path):
+    assert doctor.probe_pci_devices(tmp_path) is None
+    probes = vm_without_gpu(tmp_path / "sys")
+    probes["pci_devices"] = None
+    report = build_report(probes)
+    assert checks_by_name(probes)["GPU selection (hybrid graphics)"].status == SKIP
+    assert "no NVIDIA GPU in this machine" not in report.verdict
+
+
 @pytest.mark.skipif(_has_driver(), reason="this host has an NVIDIA driver; the test is about a GPU-less one")
 def test_live_doctor_on_this_gpuless_host():
     out = io.StringIO()
@@ -715,6 +768,10 @@ def test_live_doctor_on_this_gpuless_host():
         code = doctor.main(["--json", "--no-models"])
     report = json.loads(out.getvalue())
     assert code == 1 and report["cuda_usable"] is False
+    gpu_on_the_bus = any(g["vendor"] == doctor.NVIDIA_VENDOR for g in doctor.probe_gpus_sysfs())
+    if doctor.probe_pci_devices() and not gpu_on_the_bus:
+        assert "no NVIDIA GPU in this machine" in report["verdict"]
+        return
     assert "no NVIDIA driver: libcuda.so.1 cannot be loaded" in report["verdict"]
     build = next(c for c in report["checks"] if c["name"] == "onnxruntime packages")["detail"]
     if "built for CUDA 13" in build:
@@ -734,6 +791,17 @@ def test_cli_exit_codes_from_saved_probes(tmp_path):
         assert doctor.main(["--from-probes", str(healthy)]) == 0
         assert doctor.main(["--from-probes", str(laptop), "--json"]) == 1
     assert doctor.main(["--from-probes", str(garbage)]) == 2
+
+
+def test_probes_that_cannot_be_saved_are_a_plain_error(tmp_path, capsys):
+    probes = tmp_path / "h100.json"
+    probes.write_text(json.dumps(h100_host()))
+    target = tmp_path / "no such folder" / "probes.json"
+    with redirect_stdout(io.StringIO()):
+        code = doctor.main(["--from-probes", str(probes), "--save-probes", str(target)])
+    said = capsys.readouterr().err
+    assert code == 2 and "internal error" not in said and "Traceback" not in said
+    assert "cannot write the probes to" in said and "No such file or directory" in said
 
 
 def test_internal_error_is_exit_code_2(tmp_path, monkeypatch):
