@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import re
 import secrets
 import signal
 import socket
@@ -19,7 +19,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from ident import bench, doctor
-from tasks.errors import IdentError
+from tasks.errors import IdentError, ModelUnavailable
 from workers.formats import describe
 
 console = Console()
@@ -116,7 +116,7 @@ def cmd_models(args) -> int:
                 path = fetch_one(spec, settings.models_dir, args.source, report, force=args.force)
                 size = path.stat().st_size
                 progress.update(task, description=f"[green]{spec.filename}", completed=size, total=size)
-            except IdentError as exc:
+            except ModelUnavailable as exc:
                 failures += 1
                 progress.update(task, description=f"[red]{spec.filename}")
                 err_console.print(f"[red]error:[/] {exc}")
@@ -176,6 +176,8 @@ def cmd_submit(args) -> int:
         raise IdentError("--draw draws the faces found in one image: give it exactly one image file, without --verify")
     if args.verify and (len(payloads) != 2 or kinds[0] != kinds[1]):
         raise IdentError("--verify takes exactly two files of the same kind")
+    if args.draw and not Path(args.draw).parent.is_dir():
+        raise IdentError(f"--draw {args.draw}: the folder {Path(args.draw).parent} does not exist; create it first")
     client = make_client()
     if args.verify:
         pending = [client.verify(kinds[0], payloads[0], payloads[1])]
@@ -194,8 +196,13 @@ def cmd_submit(args) -> int:
         if args.draw:
             from workers.vision.drawing import draw_file
 
-            draw_file(payloads[0], value, Path(args.draw))
-            err_console.print(f"drawn to {args.draw}")
+            try:
+                draw_file(payloads[0], value, Path(args.draw))
+            except OSError as exc:  # the result is still printed below
+                err_console.print(f"[red]cannot write {args.draw}:[/] {exc.strerror or exc}")
+                status = 1
+            else:
+                err_console.print(f"drawn to {args.draw}")
         console.rule(label)
         print_json(elide(value, args.full))
     return status
@@ -212,13 +219,33 @@ class LocalFleetRunner:
         self.redis = None
         self.workers = []
         self.flower = None
+        self.flower_log = None
 
     def start(self):
-        from ident.fleet import EmbeddedRedis, start_worker, wait_until_ready
-        from tasks.client import IdentClient
+        from kombu.exceptions import OperationalError
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
+        from ident.fleet import EmbeddedRedis, FleetError, start_worker, wait_until_ready
+        from tasks.client import IdentClient
+        from tasks.settings import load_settings, redacted_url
+
+        # What can be found wrong now stops the command before any process is started.
+        load_settings()
+        if self.args.flower:
+            check_port_free(self.args.flower_port)
         env = dict(os.environ)
-        if not env.get("IDENT_REDIS_URL"):
+        # Empty counts as unset here as in tasks/settings.py, which reads it as the default URL.
+        if (env.get("IDENT_REDIS_URL") or "").strip():
+            try:
+                make_client()
+            except (OperationalError, RedisConnectionError) as exc:
+                # The workers would retry it until --ready-timeout ran out.
+                raise FleetError(
+                    f"nothing answers at IDENT_REDIS_URL={redacted_url(load_settings().redis_url)} ({exc}). "
+                    f"`ident {self.args.command}` uses that Redis when IDENT_REDIS_URL is set: start Redis there, "
+                    "or unset IDENT_REDIS_URL so that it runs an embedded one"
+                ) from exc
+        else:
             self.redis = EmbeddedRedis().start()
             env["IDENT_REDIS_URL"] = self.redis.url
             os.environ["IDENT_REDIS_URL"] = self.redis.url
@@ -243,7 +270,7 @@ class LocalFleetRunner:
         user, _, password = (self.args.flower_auth or load_settings().flower_auth).partition(":")
         if not password:
             password = secrets.token_urlsafe(12)
-        log_path = self.workers[0].log_path.with_name("flower.log")
+        log_path = self.flower_log = self.workers[0].log_path.with_name("flower.log")
         with log_path.open("ab") as log_file:
             flower = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "workers.vision", "flower", "--address=127.0.0.1",
@@ -266,6 +293,19 @@ class LocalFleetRunner:
                           f"password {password}); log {log_path}")
         return flower
 
+    def first_exit(self) -> str | None:
+        """Which of the fleet's processes has ended, with its exit code and log; None while all run."""
+        children = [(f"worker {w.name}", w.process, w.log_path) for w in self.workers]
+        if self.redis:
+            children.append(("the embedded redis-server", self.redis.process, None))
+        if self.flower:
+            children.append(("Flower", self.flower, self.flower_log))
+        for name, process, log_path in children:
+            code = process.poll()
+            if code is not None:
+                return f"{name} {exit_status(code)}" + (f"; see {log_path}" if log_path else "")
+        return None
+
     def stop(self) -> None:
         with err_console.status("stopping the fleet..."):
             if self.flower and self.flower.poll() is None:
@@ -281,22 +321,67 @@ class LocalFleetRunner:
                 self.redis.cleanup()
 
 
+def check_port_free(port: int) -> None:
+    """Refuse a Flower port that another program holds: it would answer in Flower's place."""
+    with socket.socket() as probe:
+        # As a listening server does, so that a closed connection's TIME_WAIT is no obstacle.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise IdentError(f"Flower cannot listen on 127.0.0.1:{port}: {exc.strerror or exc} (another program "
+                             "holds the port?); pick another with --flower-port") from exc
+
+
+def exit_status(code: int) -> str:
+    """A Popen returncode in words: a negative one is the signal that ended the process."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"exited with code {code} (killed by {name})"
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGTERM and SIGHUP (its terminal closed) stop the local fleet as Ctrl-C does.
+
+    At their defaults they would end this process alone and leave the workers and
+    the embedded redis-server, each in a session of its own, running orphaned.
+    """
+    handled = (signal.SIGTERM, signal.SIGHUP)
+
+    def interrupt(signum, frame):
+        # Once: a second signal must not cut the fleet's stop short.
+        for sig in handled:
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in handled}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def cmd_up(args) -> int:
     runner = LocalFleetRunner(args)
-    try:
-        runner.start()
-        cmd_status(argparse.Namespace(json=False, timeout=2.0))
-        err_console.print("fleet is up; Ctrl-C stops everything")
-        # Blocked only now: the workers started above must keep SIGTERM, the
-        # signal their warm shutdown answers to.
-        stop_signals = {signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-        signal.sigwait(stop_signals)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        runner.stop()
-    return 0
+    with stopped_by_signals():
+        try:
+            runner.start()
+            cmd_status(argparse.Namespace(json=False, timeout=2.0))
+            err_console.print("fleet is up; Ctrl-C stops everything")
+            while (ended := runner.first_exit()) is None:
+                time.sleep(0.5)
+            err_console.print(f"[red]{ended}[/]: stopping the rest of the fleet")
+            return 1
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            runner.stop()
 
 
 def demo_samples() -> list[tuple[str, Path]]:
@@ -396,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--full", action="store_true", help="print embeddings instead of eliding them")
     submit.add_argument("--draw", metavar="OUT.jpg", help="write the image with faces drawn on it")
     submit.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each result (default: 120)")
-    submit.set_defaults(func=cmd_submit)
+    submit.set_defaults(func=cmd_submit, parser=submit)
 
     status = sub.add_parser("status", help="every worker's pool processes, devices and providers")
     status.add_argument("--json", action="store_true", help="print the replies as JSON instead of a table")
@@ -420,8 +505,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args, extras = parser.parse_known_args(argv)
+    if args.command == "submit":
+        # argparse ends a nargs="+" positional at the first option, so the second
+        # file of `ident submit A --verify B` would be left over: file names and
+        # options may come in any order.
+        return args.parser.parse_intermixed_args(argv[1:], argparse.Namespace(command="submit"))
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def redis_hint() -> str:
+    """What to do when a command finds no Redis at IDENT_REDIS_URL."""
+    if (os.environ.get("IDENT_REDIS_URL") or "").strip():
+        return "Is the fleet running? Start its Redis at IDENT_REDIS_URL, or set IDENT_REDIS_URL to the fleet's Redis."
+    # `ident up` embeds its Redis on a free port, never on the default one.
+    return ("IDENT_REDIS_URL is unset (or empty), so the default was tried. Set it to the fleet's Redis: "
+            "for a fleet run by `ident up`, the URL it printed as \"embedded redis-server at ...\".")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from kombu.exceptions import OperationalError
     from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -431,11 +539,10 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[red]{type(exc).__name__}:[/] {exc}")
         return 2
     except (OperationalError, RedisConnectionError) as exc:
-        from tasks.settings import load_settings
+        from tasks.settings import load_settings, redacted_url
 
-        url = re.sub(r"//([^@/]*)@", "//**@", load_settings().redis_url)
-        err_console.print(f"[red]cannot reach Redis at {url}:[/] {exc}\n"
-                          "Is the fleet running? Set IDENT_REDIS_URL to its Redis, or start one with `ident up`.")
+        url = redacted_url(load_settings().redis_url)
+        err_console.print(f"[red]cannot reach Redis at {url}:[/] {exc}\n{redis_hint()}")
         return 2
 
 

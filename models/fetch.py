@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 from models.catalog import CATALOG, ModelSpec, selected_models
 from models.runtime import file_sha256
-from tasks.errors import ModelUnavailable
+from tasks.errors import ConfigurationError, ModelUnavailable
 from tasks.settings import Settings
 
 CHUNK = 1 << 20
@@ -83,11 +83,18 @@ def fetch_one(
         )
     if not force and target.is_file() and file_sha256(target) == spec.sha256:
         return target
-    models_dir.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        sink = partial.open("wb")
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot write model files to {models_dir} (IDENT_MODELS_DIR): {exc.strerror or exc}. Make it "
+            "writable, or set IDENT_MODELS_DIR to a folder you can write to"
+        ) from exc
     digest = hashlib.sha256()
     try:
-        with partial.open("wb") as sink:
+        with sink:
             for block in _blocks(spec, source, progress):
                 digest.update(block)
                 sink.write(block)

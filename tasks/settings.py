@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlsplit
 
 from tasks.errors import ConfigurationError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# The schemes that work as both broker and result backend URL: Celery takes a
+# Unix socket only as redis+socket://, and its result backend then fails on the
+# socket_keepalive option that tasks/app.py sets.
+REDIS_SCHEMES = ("redis", "rediss")
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -45,6 +51,41 @@ def _parse_gpu_ids(text: str) -> tuple[int, ...]:
 
 def _parse_optional_float(text: str) -> float | None:
     return None if text.strip() == "" else float(text)
+
+
+def _parse_redis_url(text: str) -> str:
+    # Empty is unset, as for `ident up`, which then runs an embedded Redis.
+    return text.strip() or DEFAULT_REDIS_URL
+
+
+def _parse_path(text: str) -> Path:
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # pathlib's answer to ~user for a user that does not exist
+        user = text.split("/", 1)[0]
+        raise ValueError(f"{user} names no user with a home directory here: give an absolute path") from None
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password (or user:password) replaced by ``**``, for messages."""
+    return re.sub(r"//([^@/]*)@", "//**@", url)
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be the fleet's Redis URL, or None."""
+    parsed = urlsplit(url)
+    if parsed.scheme not in REDIS_SCHEMES:
+        return "it must be a redis:// or rediss:// (TLS) URL"
+    try:
+        parsed.port
+    except ValueError:
+        return "its port is not a number from 0 to 65535"
+    if not parsed.hostname:
+        return "it names no host"
+    database = parsed.path.strip("/")
+    if database and not database.isdigit():
+        return f"the database after the host must be a number, not {database!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -120,11 +161,11 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
         parsers = {
-            "redis_url": str,
+            "redis_url": _parse_redis_url,
             "redis_tls_ca_certs": str,
             "result_expires": int,
             "visibility_timeout": int,
-            "models_dir": lambda v: Path(v).expanduser(),
+            "models_dir": _parse_path,
             "device": lambda v: v.strip().lower(),
             "gpu_ids": _parse_gpu_ids,
             "cpu_threads": int,
@@ -152,7 +193,7 @@ class Settings:
             "max_batch": int,
             "max_wait_ms": float,
             "process_init_timeout": float,
-            "data_dir": lambda v: Path(v).expanduser(),
+            "data_dir": _parse_path,
             "flower_auth": str,
         }
         values = {}
@@ -170,6 +211,13 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        problem = _redis_url_problem(self.redis_url)
+        if problem:
+            raise ConfigurationError(
+                f"IDENT_REDIS_URL={redacted_url(self.redis_url)!r} is not valid: {problem}. Give one such as "
+                f"{DEFAULT_REDIS_URL} or redis://:PASSWORD@HOST:6379/0, or leave it unset (or empty) for "
+                f"{DEFAULT_REDIS_URL}"
+            )
         if self.device not in DEVICES:
             raise ConfigurationError(
                 f"IDENT_DEVICE={self.device!r} is not valid: use one of {', '.join(DEVICES)}"
@@ -189,6 +237,14 @@ class Settings:
         for name in ("cpu_threads", "payload_ref_bytes", "max_wait_ms"):
             if not getattr(self, name) >= 0:
                 raise ConfigurationError(f"{env_name(name)} must be 0 or more")
+        # A batch waits this long for its first job's company: longer than a job
+        # may run is a stall, not a latency trade (inf never flushes at all).
+        if not self.max_wait_ms < self.task_soft_time_limit * 1000:
+            raise ConfigurationError(
+                f"IDENT_MAX_WAIT_MS={self.max_wait_ms:g} is not valid: it must be a finite number of milliseconds "
+                f"below IDENT_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit} s = "
+                f"{self.task_soft_time_limit * 1000} ms); a few milliseconds is usual"
+            )
         for name in ("max_audio_seconds", "process_init_timeout"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigurationError(f"{env_name(name)} must be a positive number")

@@ -42,6 +42,55 @@ def test_demo_runs_samples_on_an_embedded_redis(models_path):
     assert len(re.findall(r"│ (?:CUDA|CPU)ExecutionProvider +│", completed.stdout)) == 4, completed.stdout[-2000:]
 
 
+def _up_until_ready(models_path, *options: str) -> tuple[subprocess.Popen, str]:
+    """`ident up OPTIONS` started and waited for; (the process, what it wrote to stderr until then)."""
+    up = subprocess.Popen([sys.executable, "-m", "ident.cli", "up", *options], env=_env(models_path),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = up.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "Ctrl-C stops everything" in line:
+            return up, "".join(lines)
+    up.kill()
+    raise AssertionError("".join(lines))
+
+
+def _gone(processes: list[psutil.Process]) -> bool:
+    time.sleep(1)
+    return not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_up_stops_everything_and_exits_1_when_a_worker_dies(models_path):
+    up, _ = _up_until_ready(models_path)
+    try:
+        started = _descendants_of(up.pid)
+        (vision,) = [p for p in psutil.Process(up.pid).children() if "workers.vision" in p.cmdline()]
+        vision.kill()
+        assert up.wait(timeout=90) == 1
+        said = " ".join(up.stderr.read().split())
+        assert "worker vision@local exited with code -9 (killed by SIGKILL); see " in said
+        assert _gone(started), "the other worker, the dead one's pool and redis-server are stopped too"
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_up_stops_everything_on_sighup(models_path):
+    up, _ = _up_until_ready(models_path)
+    try:
+        started = _descendants_of(up.pid)
+        up.send_signal(signal.SIGHUP)
+        assert up.wait(timeout=90) == 0
+        assert _gone(started), "nothing is left orphaned when the terminal closes"
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
 def test_up_stops_everything_on_ctrl_c(models_path):
     port = free_port()
     up = subprocess.Popen(

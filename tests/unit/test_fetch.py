@@ -11,7 +11,7 @@ import pytest
 
 from models.catalog import CATALOG
 from models.fetch import fetch_one, verify
-from tasks.errors import ModelUnavailable
+from tasks.errors import ConfigurationError, ModelUnavailable
 
 SPEC = CATALOG["yunet_2023mar"]
 
@@ -60,6 +60,26 @@ def test_fetch_from_an_http_mirror(models_path, tmp_path):
             fetch_one(replace(SPEC, filename="absent.onnx"), tmp_path / "models", url)
     finally:
         server.shutdown()
+
+
+def test_a_models_dir_that_cannot_be_written_names_the_variable(models_path, tmp_path):
+    # Under a plain file: no folder can be made there, root or not.
+    (tmp_path / "a file").write_bytes(b"")
+    models_dir = tmp_path / "a file" / "models"
+    with pytest.raises(ConfigurationError, match="cannot write model files to .*models \\(IDENT_MODELS_DIR\\)"):
+        fetch_one(SPEC, models_dir, str(models_path))
+
+
+def test_fetch_command_into_a_models_dir_that_cannot_be_written(models_path, tmp_path):
+    (tmp_path / "a file").write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDENT_")}
+    env.update(IDENT_MODELS_DIR=str(tmp_path / "a file" / "models"))
+    completed = subprocess.run([sys.executable, "-m", "ident.cli", "models", "fetch", "--from", str(models_path)],
+                               env=env, capture_output=True, text=True, timeout=60)
+    said = " ".join(completed.stderr.split())  # rich wraps long lines
+    assert completed.returncode == 2 and "Traceback" not in said, said
+    assert said.count("cannot write model files to") == 1, "one error for the folder, not one per model"
+    assert "IDENT_MODELS_DIR" in said and "Not a directory" in said
 
 
 def test_converted_models_need_a_mirror(tmp_path):

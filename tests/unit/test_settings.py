@@ -55,11 +55,35 @@ def test_environment_overrides():
         ({"IDENT_MAX_WAIT_MS": "-5"}, "IDENT_MAX_WAIT_MS must be 0 or more"),
         ({"IDENT_MAX_AUDIO_SECONDS": "nan"}, "IDENT_MAX_AUDIO_SECONDS must be a positive number"),
         ({"IDENT_GPU_IDS": "0,-1"}, "IDENT_GPU_IDS=.* negative"),
+        # Celery would fail on these later, with an AttributeError or a ModuleNotFoundError.
+        ({"IDENT_REDIS_URL": "localhost:6379"}, "IDENT_REDIS_URL='localhost:6379' is not valid: it must be a redis://"),
+        ({"IDENT_REDIS_URL": "unix:///run/redis.sock"}, "IDENT_REDIS_URL='unix:///run/redis.sock' is not valid"),
+        ({"IDENT_REDIS_URL": "redis://redis:63790000/0"}, "its port is not a number"),
+        ({"IDENT_REDIS_URL": "redis:///0"}, "it names no host"),
+        ({"IDENT_REDIS_URL": "redis://redis/queue"}, "the database after the host must be a number"),
+        # inf would hold a batch's first job forever.
+        ({"IDENT_MAX_WAIT_MS": "inf"}, "IDENT_MAX_WAIT_MS=inf is not valid: it must be a finite number"),
+        ({"IDENT_MAX_WAIT_MS": "120000"}, "below IDENT_TASK_SOFT_TIME_LIMIT"),
+        ({"IDENT_MODELS_DIR": "~nosuchuser/x"}, "IDENT_MODELS_DIR='~nosuchuser/x' is not valid: ~nosuchuser names no"),
+        ({"IDENT_DATA_DIR": "~nosuchuser"}, "IDENT_DATA_DIR='~nosuchuser' is not valid"),
     ],
 )
 def test_bad_values_are_named(env, message):
     with pytest.raises(ConfigurationError, match=message):
         Settings.from_env(env)
+
+
+def test_a_bad_redis_url_is_shown_with_an_example_and_without_its_password():
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env({"IDENT_REDIS_URL": "http://:hunter2@redis:6379/0"})
+    assert "hunter2" not in str(raised.value) and "http://**@redis:6379/0" in str(raised.value)
+    assert "redis://127.0.0.1:6379/0" in str(raised.value)
+
+
+def test_an_empty_redis_url_is_unset_as_for_ident_up():
+    assert Settings.from_env({"IDENT_REDIS_URL": ""}).redis_url == "redis://127.0.0.1:6379/0"
+    assert Settings.from_env({"IDENT_REDIS_URL": " "}).redis_url == "redis://127.0.0.1:6379/0"
+    assert Settings.from_env({"IDENT_REDIS_URL": "rediss://:pw@redis:6380/2"}).redis_url == "rediss://:pw@redis:6380/2"
 
 
 def test_short_visibility_timeout_is_allowed_with_a_warning():
