@@ -307,6 +307,17 @@ class LocalFleetRunner:
         return None
 
     def stop(self) -> None:
+        # A stop signal arriving now (a second Ctrl-C, or SIGTERM as the demo ends)
+        # must not cut this short: that would leave the rest of the fleet running.
+        held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in held}
+        try:
+            self._stop_processes()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop_processes(self) -> None:
         with err_console.status("stopping the fleet..."):
             if self.flower and self.flower.poll() is None:
                 self.flower.terminate()
@@ -418,33 +429,41 @@ def _demo_answer(kind: str, result: dict) -> str:
 def cmd_demo(args) -> int:
     samples = demo_samples()
     runner = LocalFleetRunner(args)
-    try:
-        client = runner.start()
-        console.rule("status calls")
-        for kind in ("vision", "audio"):
-            status = client.status(kind).get(timeout=30)
-            console.print(f"{kind}.get_status: device={status['device']} "
-                          f"execution_provider={status['execution_provider']}")
-            if status.get("message"):
-                console.print(f"  why not CUDA: {status['message']}")
-        summary = Table(title="sample jobs")
-        # On an 80-column terminal the file names fold and the answers wrap, so
-        # that the execution provider, the point of the demo, is never cut short.
-        summary.add_column("job", no_wrap=True)
-        summary.add_column("file", overflow="fold")
-        summary.add_column("answer")
-        summary.add_column("execution_provider", no_wrap=True)
-        summary.add_column("ms", justify="right", no_wrap=True)
-        for kind, path in samples:
-            started = time.perf_counter()
-            result = client.analyze(kind, path.read_bytes()).get(timeout=120)
-            elapsed = f"{(time.perf_counter() - started) * 1000:.0f}"
-            console.rule(f"{kind}.analyze {path.name} ({elapsed} ms)")
-            print_json(elide(result))
-            summary.add_row(f"{kind}.analyze", path.name, _demo_answer(kind, result), result["execution_provider"], elapsed)
-        console.print(summary)
-    finally:
-        runner.stop()
+    with stopped_by_signals():
+        try:
+            return run_demo(runner, samples)
+        except KeyboardInterrupt:
+            err_console.print("demo interrupted")
+            return 130
+        finally:
+            runner.stop()
+
+
+def run_demo(runner: LocalFleetRunner, samples: list[tuple[str, Path]]) -> int:
+    client = runner.start()
+    console.rule("status calls")
+    for kind in ("vision", "audio"):
+        status = client.status(kind).get(timeout=30)
+        console.print(f"{kind}.get_status: device={status['device']} "
+                      f"execution_provider={status['execution_provider']}")
+        if status.get("message"):
+            console.print(f"  why not CUDA: {status['message']}")
+    summary = Table(title="sample jobs")
+    # On an 80-column terminal the file names fold and the answers wrap, so
+    # that the execution provider, the point of the demo, is never cut short.
+    summary.add_column("job", no_wrap=True)
+    summary.add_column("file", overflow="fold")
+    summary.add_column("answer")
+    summary.add_column("execution_provider", no_wrap=True)
+    summary.add_column("ms", justify="right", no_wrap=True)
+    for kind, path in samples:
+        started = time.perf_counter()
+        result = client.analyze(kind, path.read_bytes()).get(timeout=120)
+        elapsed = f"{(time.perf_counter() - started) * 1000:.0f}"
+        console.rule(f"{kind}.analyze {path.name} ({elapsed} ms)")
+        print_json(elide(result))
+        summary.add_row(f"{kind}.analyze", path.name, _demo_answer(kind, result), result["execution_provider"], elapsed)
+    console.print(summary)
     return 0
 
 

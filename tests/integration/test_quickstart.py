@@ -119,3 +119,25 @@ def test_up_stops_everything_on_ctrl_c(models_path):
     finally:
         if up.poll() is None:
             up.kill()
+
+
+@pytest.mark.parametrize("seconds_after_status", [0.0, 0.5, 1.5])
+def test_demo_stopped_by_sigterm_leaves_nothing_running(models_path, seconds_after_status):
+    """SIGTERM at any point, even while the demo is already stopping its fleet, stops it all."""
+    demo = subprocess.Popen([sys.executable, "-m", "ident.cli", "demo"], env=_env(models_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = demo.stdout.readline()
+            assert line, "the demo ended before its status calls"
+            if "status calls" in line:
+                break
+        started = _descendants_of(demo.pid)
+        time.sleep(seconds_after_status)
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=90) in (0, 130)
+        assert _gone(started), "no worker or redis-server is left running"
+    finally:
+        if demo.poll() is None:
+            demo.kill()
