@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +216,7 @@ def open_session(spec: ModelSpec, models_dir: Path, plan: DevicePlan, threads: i
     cpu_reason = plan.cpu_reason
     if session.get_providers()[0] != CUDA_EP:
         if cpu_reason is None:
-            said = next((m for m in ort_messages if "CUDA" in m), None)
+            said = decline_reason(ort_messages)
             cpu_reason = "ONNX Runtime declined the CUDA execution provider" + (f": {said}" if said else "")
         if plan.device_id is not None:
             # CUDA was asked for and declined: the graph runs on CPU after all.
@@ -231,12 +233,32 @@ def open_session(spec: ModelSpec, models_dir: Path, plan: DevicePlan, threads: i
 def _create_session(
     path: Path, source: str | bytes, options: ort.SessionOptions, providers: list[Any]
 ) -> tuple[ort.InferenceSession, list[str]]:
-    with _captured_native_stderr() as ort_messages:
+    # When a provider fails while the session is built, ORT's Python layer says
+    # why with print() and retries on the next provider; its C++ code logs to fd 2.
+    printed = io.StringIO()
+    with _captured_native_stderr() as ort_messages, contextlib.redirect_stdout(printed):
         try:
             session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # ORT raises its own unexported exception types
             raise ModelUnavailable(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
-    return session, ort_messages
+    said = [line.strip() for line in printed.getvalue().splitlines() if line.strip()]
+    return session, said + ort_messages
+
+
+# What ORT's log lines wrap around their message: a colour, a timestamp and a
+# "[E:onnxruntime:...]" tag, then for an error its source location and status.
+_ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+_ORT_LOG_TAG = re.compile(r"^.*?\[[EWIV]:onnxruntime:[^\]]*\]\s*")
+_ORT_STATUS = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : ")
+
+
+def decline_reason(ort_messages: list[str]) -> str | None:
+    """ORT's own words on why CUDA was not taken: the first message about it, stripped to its text."""
+    for message in ort_messages:
+        if "cuda" in message.lower():
+            text = _ORT_LOG_TAG.sub("", _ANSI_COLOUR.sub("", message))
+            return _ORT_STATUS.split(text, 1)[-1].strip()
+    return None
 
 
 def warm_up(model: ModelSession) -> None:

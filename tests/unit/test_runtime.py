@@ -92,3 +92,43 @@ def test_a_fallback_at_run_time_is_read_back_and_explained():
     status = session.status()
     assert status["provider"] == CPU_EP and status["device"] == "CPU" and status["device_id"] is None
     assert "at run time" in status["message"]
+
+
+# Recorded from onnxruntime-gpu 1.31.1: a machine without the CUDA libraries (fd 2),
+# and a GPU that is full when the session is built (ORT's Python layer prints it).
+LIBRARY_MISSING = (
+    "\x1b[1;31m2026-11-25 01:54:59.128330546 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
+    "/onnxruntime_src/onnxruntime/core/session/provider_bridge_ort.cc:2043 onnxruntime::Provider& "
+    "onnxruntime::ProviderLibrary::Get() [ONNXRuntimeError] : 1 : FAIL : Failed to load library "
+    "/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: "
+    "cannot open shared object file: No such file or directory\x1b[m"
+)
+OUT_OF_MEMORY = (
+    "EP Error /onnxruntime_src/onnxruntime/core/providers/cuda/cuda_call.cc:129 CUDA failure 2: out of memory ; "
+    "GPU=0 when using [('CUDAExecutionProvider', {'device_id': 0}), 'CPUExecutionProvider']"
+)
+
+
+def test_the_reason_ort_gives_for_declining_cuda_is_kept_in_its_own_words():
+    from models.runtime import decline_reason
+
+    assert decline_reason(["Falling back to ['CPUExecutionProvider'] and retrying.", LIBRARY_MISSING]) == (
+        "Failed to load library /site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so with error: "
+        "libcublasLt.so.13: cannot open shared object file: No such file or directory"
+    )
+    assert decline_reason([OUT_OF_MEMORY, LIBRARY_MISSING]).startswith("EP Error ")
+    assert "out of memory" in decline_reason([OUT_OF_MEMORY])
+    assert decline_reason(["nothing about the GPU"]) is None
+
+
+def test_a_cuda_session_that_ort_declines_says_why(models_path):
+    """A CUDA plan with no reason known beforehand, on a machine where ORT cannot take CUDA."""
+    from models.cuda import CUDA_EP
+
+    plan = DevicePlan([(CUDA_EP, {"device_id": 0}), CPU_EP], 0, None)
+    session = open_session(CATALOG["silero_vad"], models_path, plan, threads=1)
+    if session.provider == CUDA_EP:
+        pytest.skip("this machine runs CUDA")
+    message = session.status()["message"]
+    assert message.startswith("ONNX Runtime declined the CUDA execution provider: ")
+    assert len(message) > len("ONNX Runtime declined the CUDA execution provider: ") + 20, message
