@@ -577,6 +577,10 @@ def _after_job(state=None, **kwargs) -> None:
     forget_unstored(kwargs.get("task"), kwargs.get("task_id"))
     if state != "SUCCESS":
         gc.collect()
+    if _load_failure is not None:
+        # The job was put back unrun; building a runtime here would load the
+        # models again and report this process ready while it refuses every job.
+        return
     current_runtime().free_since = time.time()
 
 

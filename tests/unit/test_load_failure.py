@@ -21,3 +21,16 @@ def test_a_process_without_models_requeues_its_jobs(monkeypatch):
     # A batch's refusal crosses the pool's pipe to the main process, which requeues the batch.
     crossed = pickle.loads(pickle.dumps(refused.value))
     assert isinstance(crossed, Reject) and crossed.requeue is True
+
+
+def test_a_refused_job_does_not_load_the_models_again(monkeypatch):
+    """Celery's post-job hook runs for the refused job too: it must not build a runtime,
+    which would load every model again and mark this process ready while it refuses all work."""
+
+    def must_not_build():
+        raise AssertionError("the models were loaded again after a load failure")
+
+    monkeypatch.setattr(bootstrap._identity, "kind", "vision")
+    monkeypatch.setattr(bootstrap, "_load_failure", ModelUnavailable("w600k_mbf.onnx is not a readable ONNX model"))
+    monkeypatch.setattr(bootstrap, "current_runtime", must_not_build)
+    bootstrap._after_job(state="REJECTED", task=None, task_id="a-job")
