@@ -166,10 +166,12 @@ def explain_cpu_fallback(facts: CudaFacts, device_id: int = 0) -> str | None:
             reason += f"; the CUDA EP library also fails to load: {facts.provider_library_error}"
         return reason
     visible = facts.cuda_visible_devices
-    if visible is not None and (visible.strip() in ("", "-1", "none", "NoDevFiles") or facts.device_count == 0):
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
         return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU from this process"
     if facts.cu_init_result == CUDA_ERROR_NO_DEVICE or facts.device_count == 0:
-        return "the NVIDIA driver is loaded but reports no CUDA device (cuInit: CUDA_ERROR_NO_DEVICE)"
+        # A value that names GPUs may name none this machine has, or there are none.
+        names = f" (CUDA_VISIBLE_DEVICES={visible!r}: does it name a GPU of this machine?)" if visible else ""
+        return f"the NVIDIA driver is loaded but reports no CUDA device (cuInit: CUDA_ERROR_NO_DEVICE){names}"
     build_major = _major(facts.ort_build_cuda)
     if facts.driver_cuda_version is not None and build_major is not None:
         driver_major = facts.driver_cuda_version // 1000

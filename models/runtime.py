@@ -178,9 +178,14 @@ class ModelSession:
 def model_path(spec: ModelSpec, models_dir: Path) -> Path:
     path = models_dir / spec.filename
     if not path.is_file():
+        # `ident models fetch` only fetches files whose sha256 the catalog pins.
+        get_it = (
+            "run `ident models fetch` (or `ident models fetch --from DIR_OR_URL` for a mirror)"
+            if spec.sha256 is not None
+            else "the catalog pins no sha256 for it, so `ident models fetch` does not fetch it: place the file there yourself"
+        )
         raise ModelUnavailable(
-            f"model {spec.key} ({spec.filename}) is not in {models_dir}: run `ident models fetch` "
-            "(or `ident models fetch --from DIR_OR_URL` for a mirror), or point IDENT_MODELS_DIR at "
+            f"model {spec.key} ({spec.filename}) is not in {models_dir}: {get_it}, or point IDENT_MODELS_DIR at "
             "the folder that holds it"
         )
     return path

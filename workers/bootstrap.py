@@ -523,15 +523,17 @@ def _preflight(kind: str, settings: Settings) -> None:
         # before the pool forks would break CUDA in every child.
         context = multiprocessing.get_context("spawn")
         with context.Pool(1) as probe_pool:
-            reason = probe_pool.apply(_cuda_reason, (settings.gpu_ids[0],))
+            reason = probe_pool.apply(_cuda_reason, (settings.gpu_ids,))
         if reason:
             raise DeviceUnavailable(f"IDENT_DEVICE=cuda but CUDA cannot be used: {reason}")
 
 
-def _cuda_reason(device_id: int) -> str | None:
+def _cuda_reason(device_ids: tuple[int, ...]) -> str | None:
+    """Why CUDA cannot serve one of ``device_ids`` (every GPU a pool process may be given), or None."""
     from models.cuda import explain_cpu_fallback, probe_cuda
 
-    return explain_cpu_fallback(probe_cuda(), device_id)
+    facts = probe_cuda()
+    return next(filter(None, (explain_cpu_fallback(facts, device_id) for device_id in dict.fromkeys(device_ids))), None)
 
 
 @signals.worker_process_init.connect

@@ -83,6 +83,20 @@ def test_gpu_id_beyond_the_visible_gpus():
 
 def test_driver_present_but_no_device():
     assert "no CUDA device" in explain_cpu_fallback(healthy(cu_init_result=100, device_count=0))
+    # A value that names a GPU hides none: it may name one this machine lacks.
+    reason = explain_cpu_fallback(healthy(cuda_visible_devices="0", cu_init_result=100, device_count=0))
+    assert "no CUDA device" in reason and "hides" not in reason and "CUDA_VISIBLE_DEVICES='0'" in reason
+
+
+def test_strict_cuda_checks_every_gpu_a_process_may_get(monkeypatch):
+    """IDENT_GPU_IDS=0,1 on a one-GPU host is refused before the worker starts, not by pool process 1."""
+    import models.cuda
+    from workers.bootstrap import _cuda_reason
+
+    monkeypatch.setattr(models.cuda, "probe_cuda", lambda: healthy(device_count=1))
+    assert _cuda_reason((0, 0)) is None
+    reason = _cuda_reason((0, 1))
+    assert "GPU 1" in reason and "only 1" in reason
 
 
 def test_kernel_module_older_than_the_driver_library():

@@ -59,6 +59,12 @@ def test_a_missing_or_corrupt_model_is_named(tmp_path, models_path):
     (tmp_path / spec.filename).write_bytes(b"\0" * 64)
     with pytest.raises(ModelUnavailable, match="sha256"):
         open_session(spec, tmp_path, CPU_ONLY, threads=1)
+    # `ident models fetch` refuses a file with no pinned sha256: the advice must not send the operator there.
+    unpinned = CATALOG["arcface_w600k_mbf"]
+    assert unpinned.sha256 is None
+    with pytest.raises(ModelUnavailable, match="place the file there yourself") as missing:
+        open_session(unpinned, tmp_path, CPU_ONLY, threads=1)
+    assert "run `ident models fetch`" not in str(missing.value)
 
 
 def test_warmup_feed_follows_the_catalog_shapes(models_path):
