@@ -98,6 +98,9 @@ def fetch_one(
             for block in _blocks(spec, source, progress):
                 digest.update(block)
                 sink.write(block)
+            # On disk before the rename, so that a power cut cannot leave a torn file under the final name.
+            sink.flush()
+            os.fsync(sink.fileno())
         if digest.hexdigest() != spec.sha256:
             raise ModelUnavailable(
                 f"{spec.filename} from {_origin(spec, source)} has sha256 {digest.hexdigest()}, "
