@@ -175,6 +175,9 @@ def run_fleet(kind: str, inputs: list[tuple[str, bytes]], jobs: int, concurrency
         "dispatch_ms": percentiles([r.dispatch_ms for r in ok]),
         "return_ms": percentiles([r.return_ms for r in ok]),
         "waiting_ms": percentiles([r.waiting_ms for r in ok]),
+        # End to end minus the time in the task, waiting for a free process included:
+        # what the jobs spent outside the worker's task, under this load.
+        "outside_task_ms": percentiles([r.end_to_end_ms - (r.finished_at - r.started_at) * 1000.0 for r in ok]),
         "errors": sorted({r.error for r in records if r.error}),
         "failed": len(records) - len(ok),
     }
@@ -204,10 +207,14 @@ def fleet_shape(kind: str, timeout: float = 3.0) -> dict:
     if not processes:
         raise IdentError(f"no ready {kind} worker answered at IDENT_REDIS_URL: start the fleet first")
     threads = max(m["threads"] for p in processes for m in p["models"].values())
+    models = {role: m["model"] for role, m in processes[0]["models"].items()}
+    if any({role: m["model"] for role, m in p["models"].items()} != models for p in processes[1:]):
+        raise IdentError(f"the {kind} workers at IDENT_REDIS_URL run different models: bench a fleet of one kind")
     return {
         "workers": sorted({p["hostname"] for p in processes}),
         "processes": len(processes),
         "threads": threads,
+        "models": models,
         "execution_provider": sorted({p["execution_provider"] for p in processes}),
         # A worker from before the field was reported counts as unbatched.
         "max_batch": max(p.get("max_batch", 1) for p in processes),
@@ -238,11 +245,29 @@ _baseline_runtime = None
 _baseline_start_args: tuple = ()
 
 
-def _baseline_process_init(kind: str, threads: int, barrier) -> None:
+# The settings that choose each role's model, so that the baseline runs the
+# fleet's models whatever this shell's IDENT_* say.
+MODEL_SETTINGS = {
+    "face_detection": "face_detection_model",
+    "face_embedding": "face_embedding_model",
+    "spoof": "spoof_model",
+    "speaker_embedding": "speaker_model",
+}
+
+
+def fleet_model_settings(models: dict[str, str]) -> dict:
+    """Settings overrides that select ``models`` (role -> catalog key, as the fleet reports them)."""
+    chosen = {MODEL_SETTINGS[role]: key for role, key in models.items() if role in MODEL_SETTINGS}
+    if "liveness" in models:
+        chosen["liveness_ensemble"] = "liveness_ensemble" in models
+    return chosen
+
+
+def _baseline_process_init(kind: str, threads: int, models: dict, barrier) -> None:
     # Nothing here may fail: a Pool whose initializer raises replaces the
     # process and runs it again, forever. The runtime is built by _baseline_start.
     global _baseline_start_args
-    _baseline_start_args = (kind, threads, barrier)
+    _baseline_start_args = (kind, threads, models, barrier)
 
 
 def _baseline_start(index: int) -> int:
@@ -257,10 +282,10 @@ def _baseline_start(index: int) -> int:
     from tasks.settings import load_settings
     from workers.bootstrap import WorkerRuntime
 
-    kind, threads, barrier = _baseline_start_args
+    kind, threads, models, barrier = _baseline_start_args
     try:
         importlib.import_module(f"workers.{kind}")  # registers the kind's pipeline
-        settings = dataclasses.replace(load_settings(), cpu_threads=threads)
+        settings = dataclasses.replace(load_settings(), cpu_threads=threads, **fleet_model_settings(models))
         _baseline_runtime = WorkerRuntime(kind, settings, index, 1)
     except BaseException:
         barrier.abort()
@@ -295,10 +320,14 @@ def _start_baseline_processes(pool, kind: str, processes: int) -> None:
 
 
 def run_baseline(kind: str, inputs: list[tuple[str, bytes]], jobs: int, processes: int, threads: int,
-                 batch: int = 1, warm_jobs: int = 0, progress=None, warm_progress=None) -> dict:
-    """The same pipeline in ``processes`` spawned processes: ``warm_jobs`` untimed, then ``jobs`` timed."""
+                 batch: int = 1, warm_jobs: int = 0, progress=None, warm_progress=None,
+                 models: dict[str, str] | None = None) -> dict:
+    """The same pipeline in ``processes`` spawned processes: ``warm_jobs`` untimed, then ``jobs`` timed.
+
+    ``models`` (role -> catalog key) are the fleet's; by default, those this environment selects.
+    """
     context = multiprocessing.get_context("spawn")
-    start_args = (kind, threads, context.Barrier(processes))
+    start_args = (kind, threads, models or {}, context.Barrier(processes))
     with context.Pool(processes, initializer=_baseline_process_init, initargs=start_args) as pool:
         _start_baseline_processes(pool, kind, processes)
         for _outcome, payloads in _feed(pool, inputs, warm_jobs, batch):
@@ -393,8 +422,9 @@ def bench(kind: str, jobs: int, concurrency: int, batch: int | None, inputs_dir:
         processes = shape["processes"]
         base_task = progress.add_task(f"baseline, {processes} process{'' if processes == 1 else 'es'}", total=jobs)
         baseline = run_baseline(kind, inputs, jobs, processes, shape["threads"], batch, warm_jobs,
-                                lambda n: progress.advance(base_task, n), warm_progress)
-    ratio = fleet["throughput_per_s"] / baseline["throughput_per_s"] if baseline["throughput_per_s"] else 0.0
+                                lambda n: progress.advance(base_task, n), warm_progress, shape["models"])
+    # null in the JSON when the baseline finished no job: there is nothing to compare with.
+    ratio = fleet["throughput_per_s"] / baseline["throughput_per_s"] if baseline["throughput_per_s"] else None
     return {
         "kind": kind,
         "settings": {"jobs": jobs, "warm_up_jobs": warm_jobs, "concurrency": concurrency, "batch": batch,
@@ -405,13 +435,13 @@ def bench(kind: str, jobs: int, concurrency: int, batch: int | None, inputs_dir:
         "units_per_s": fleet["units_per_s"],
         "units": "images" if kind == "vision" else "audio_seconds",
         "baseline_per_s": baseline["throughput_per_s"],
-        "ratio_to_baseline": round(ratio, 3),
+        "ratio_to_baseline": None if ratio is None else round(ratio, 3),
         "overhead_ms_p50": fleet["overhead_ms"]["p50"],
         "latency_ms": fleet["latency_ms"],
         "wire": {
             "payload_bytes_mean": round(payload_mean),
             "redis_bytes_in_per_job": round(bytes_per_job),
-            "ratio_to_payload": round(bytes_per_job / payload_mean, 3),
+            "ratio_to_payload": round(bytes_per_job / payload_mean, 3) if payload_mean else None,
         },
         "fleet": fleet,
         "baseline": baseline,
@@ -430,6 +460,7 @@ def render(report: dict) -> Table:
         ("latency p50 / p95 / p99 (ms)", " / ".join(_shown(report["latency_ms"][k]) for k in ("p50", "p95", "p99"))),
         ("queue overhead p50 (ms): dispatch + return", report["overhead_ms_p50"]),
         ("waiting for a free process p50 (ms)", report["fleet"]["waiting_ms"]["p50"]),
+        ("end to end minus in-task p50 (ms): all three", report["fleet"]["outside_task_ms"]["p50"]),
         ("redis bytes in per job / payload", report["wire"]["ratio_to_payload"]),
         ("failed jobs: fleet / baseline", f"{report['fleet']['failed']} / {report['baseline']['failed']}"),
     ]
@@ -528,7 +559,11 @@ def counts(least: int):
     parse_one = count(least)
 
     def parse(text: str) -> list[int]:
-        return [parse_one(part.strip()) for part in text.split(",")]
+        values = [parse_one(part.strip()) for part in text.split(",")]
+        if len(set(values)) != len(values):
+            # Each value is one point of the sweep (and of its chart).
+            raise argparse.ArgumentTypeError(f"{text!r} repeats a value; give each one once")
+        return values
 
     return parse
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import redis
 from celery import Celery
+from celery import exceptions as celery_exceptions
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 # From docs/contract.md: a payload argument may be {"payload_ref": key} for a key with this prefix.
@@ -48,11 +49,14 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--inputs", type=Path, default=data / "images", help="folder of photos (../shared/data/images)")
     parser.add_argument("--by-reference", action="store_true")
+    parser.add_argument("--answer-timeout", type=float, default=300.0,
+                        help="seconds without any answer before giving up (default: 300)")
     args = parser.parse_args()
     if args.jobs < 1 or args.concurrency < 1:
         parser.error("--jobs and --concurrency must be at least 1")
 
-    url = os.environ.get("IDENT_REDIS_URL", "redis://localhost:6379/0")
+    # Empty counts as unset, as it does for the fleet.
+    url = os.environ.get("IDENT_REDIS_URL", "").strip() or "redis://localhost:6379/0"
     app = Celery("outside-client", broker=url, backend=url)
     app.conf.update(task_serializer="msgpack", result_serializer="msgpack",
                     accept_content=["msgpack"], result_accept_content=["msgpack"])
@@ -78,13 +82,22 @@ def main() -> int:
     while sent < min(args.jobs, args.concurrency):
         in_flight.append(send(sent))
         sent += 1
+    last_answer = time.monotonic()
     while in_flight:
         job, sent_at = in_flight.popleft()
         try:
-            job.get(timeout=300)
+            # The patience is for the run, not each job: with no worker on the
+            # queue, waiting on every job in turn would take hours.
+            job.get(timeout=max(0.1, args.answer_timeout - (time.monotonic() - last_answer)))
+        except celery_exceptions.TimeoutError:
+            sys.exit(f"no answer for {args.answer_timeout:g} s with {len(in_flight) + 1} jobs in flight: is a vision "
+                     f"worker consuming the vision queue at {url}?")
         except Exception as exc:  # noqa: BLE001 -- a job's own failure is counted, not fatal to the run
             failures[type(exc).__name__] += 1
-        latencies_ms.append((time.perf_counter() - sent_at) * 1000.0)
+        else:
+            # As ident bench does: the latency of the jobs that succeeded.
+            latencies_ms.append((time.perf_counter() - sent_at) * 1000.0)
+        last_answer = time.monotonic()
         if sent < args.jobs:
             in_flight.append(send(sent))
             sent += 1
@@ -97,7 +110,7 @@ def main() -> int:
         "photos": len(images),
         "wall_s": round(wall, 3),
         "throughput_per_s": round(done / wall, 3),
-        "latency_ms_p50": round(statistics.median(latencies_ms), 1),
+        "latency_ms_p50": round(statistics.median(latencies_ms), 1) if latencies_ms else None,
         "failures": dict(failures),
     }))
     return 0 if not failures else 1

@@ -6,9 +6,11 @@ Speed itself is measured in docs/benchmarks.md, not asserted here.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,23 @@ def test_the_outside_client_script_pushes_real_photos(fleet, fleet_env, tmp_path
     report = json.loads(completed.stdout)
     assert report["failures"] == {} and report["by_reference"] is by_reference
     assert report["throughput_per_s"] > 0 and report["latency_ms_p50"] > 0
+
+
+def test_the_outside_client_gives_up_clearly_when_no_worker_answers(tmp_path):
+    """A Redis with no worker on it: one clear message after --answer-timeout, not hours of waiting."""
+    from ident.fleet import EmbeddedRedis
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "outside_client.py"
+    redis = EmbeddedRedis().start()
+    try:
+        env = {**os.environ, "IDENT_REDIS_URL": redis.url, "PYTHONPATH": ""}
+        started = time.monotonic()
+        completed = subprocess.run(
+            [sys.executable, str(script), "--jobs", "6", "--concurrency", "3", "--answer-timeout", "2"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert time.monotonic() - started < 60
+        assert completed.returncode == 1
+        assert "no answer for 2 s with 3 jobs in flight" in completed.stderr, completed.stderr[-2000:]
+    finally:
+        redis.cleanup()

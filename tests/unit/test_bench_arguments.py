@@ -25,6 +25,11 @@ def test_a_sweep_is_a_comma_list_of_levels():
     assert parse("--concurrency", "1, 4,8").concurrency == [1, 4, 8]
 
 
+def test_a_sweep_repeating_a_level_is_refused():
+    with pytest.raises(argparse.ArgumentError, match="repeats a value"):
+        parse("--concurrency", "2,2")
+
+
 def test_no_warm_up_is_allowed():
     assert parse("--warmup", "0").warm_jobs == 0
 
