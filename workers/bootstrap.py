@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import socket
 import tempfile
@@ -70,6 +71,7 @@ class WorkerIdentity:
     kind: str | None = None
     hostname: str = field(default_factory=socket.gethostname)
     pool_processes: int = 1
+    main_pid: int = field(default_factory=os.getpid)
 
 
 _identity = WorkerIdentity()
@@ -406,9 +408,35 @@ def options_dict(value: Any) -> dict:
 # --- status files ---------------------------------------------------------------
 
 
-def status_dir(hostname: str | None = None) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.@-]", "_", hostname or _identity.hostname)
-    return Path(tempfile.gettempdir()) / f"identification-{os.getuid()}" / safe
+STATUS_ROOT = Path(tempfile.gettempdir()) / f"identification-{os.getuid()}"
+
+
+def status_dir() -> Path:
+    """This worker's status files: by name and main process, as two fleets on one host
+    (two `ident up`, each with its vision@local) must not read or clear each other's."""
+    return STATUS_ROOT / f"{_safe_name(_identity.hostname)}.{_identity.main_pid}"
+
+
+def _safe_name(hostname: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@-]", "_", hostname)
+
+
+def clear_dead_status_dirs(hostname: str) -> None:
+    """Remove the status folders of earlier workers of this name whose main process is gone."""
+    for folder in STATUS_ROOT.glob(f"{_safe_name(hostname)}.*"):
+        pid = folder.name.rsplit(".", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 FAILED = "failed"
@@ -488,6 +516,7 @@ def _on_worker_setup(sender, instance, conf, **kwargs) -> None:
         return
     _identity.kind = kind
     _identity.hostname = sender
+    _identity.main_pid = os.getpid()
     autoscale = getattr(instance, "autoscale", None)
     _identity.pool_processes = max(instance.concurrency or 1, *(autoscale or (0,)))
     queues = instance.app.amqp.queues
@@ -505,10 +534,8 @@ def _on_worker_setup(sender, instance, conf, **kwargs) -> None:
         # Celery logs and swallows an Exception from a signal handler; the
         # worker must not start, so leave with SystemExit, which it lets through.
         raise SystemExit(f"the {kind} worker refused to start: {exc}") from None
-    folder = status_dir(sender)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.json"):
-        stale.unlink(missing_ok=True)
+    clear_dead_status_dirs(sender)
+    status_dir().mkdir(parents=True, exist_ok=True)
 
 
 def _preflight(kind: str, settings: Settings) -> None:

@@ -178,3 +178,23 @@ def linked_models(models_path, tmp_path):
 def _run_vision_worker(env: dict[str, str], name: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "celery", "-A", "workers.vision", "worker", "-Q", "vision", "-c", "1", "-n", name]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_two_fleets_with_the_same_worker_name_on_one_host_keep_their_own_status(models_path, tmp_path):
+    """Two `ident up` on one machine both name their worker vision@local: one starting or
+    stopping must not clear the other's status, which would leave it "starting" for good."""
+    first_redis, second_redis = EmbeddedRedis().start(), EmbeddedRedis().start()
+    first = Fleet(first_redis, make_env(first_redis, models_path), tmp_path / "first")
+    second = Fleet(second_redis, make_env(second_redis, models_path), tmp_path / "second")
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    try:
+        first.start("vision", "twin@itest")
+        second.start("vision", "twin@itest")
+        second.stop_all()
+        assert [p["state"] for p in first.processes("twin@itest", timeout=5)] == ["ready"]
+    finally:
+        first.stop_all()
+        second.stop_all()
+        first_redis.cleanup()
+        second_redis.cleanup()
