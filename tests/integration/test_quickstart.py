@@ -93,29 +93,15 @@ def test_up_stops_everything_on_sighup(models_path):
 
 def test_up_stops_everything_on_ctrl_c(models_path):
     port = free_port()
-    up = subprocess.Popen(
-        [sys.executable, "-m", "ident.cli", "up", "--flower", "--flower-port", str(port), "--flower-auth", "ops"],
-        env=_env(models_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    up, said = _up_until_ready(models_path, "--flower", "--flower-port", str(port), "--flower-auth", "ops")
     try:
-        lines = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = up.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                break
-        assert any("Ctrl-C stops everything" in line for line in lines), "".join(lines)
-        password = re.search(r"password (\S+)\)", "".join(lines)).group(1)
+        password = re.search(r"password (\S+)\)", said).group(1)
         assert len(password) >= 12, "no password given, so a random one is made"
         started = _descendants_of(up.pid)
         assert len(started) >= 4, "redis-server, two workers with their pools, Flower"
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=90) == 0
-        time.sleep(1)
-        assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert _gone(started)
     finally:
         if up.poll() is None:
             up.kill()
