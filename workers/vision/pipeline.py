@@ -18,8 +18,9 @@ Input / output
     ``analyze(image, options)`` -> ``{"faces": [...], "image": {"width",
     "height"}, "timings_ms": {"decode", "detect", "embed", "liveness",
     "total"}}``; each face ``{"bbox": [x1, y1, x2, y2], "score",
-    "landmarks": [[x, y] * 5], "embedding"?, "liveness"?: {"score",
-    "is_live"}}``, largest face first. Boxes are clipped to the image;
+    "landmarks": [[x, y] * 5], "embedding", "liveness": {"score",
+    "is_live"}}``, largest face first; "embedding" and "liveness" are None
+    when the options switch them off. Boxes are clipped to the image;
     coordinates are rounded to 0.01 px, scores and embeddings are not rounded.
     In a batch, "embed" and "liveness" are the time of the shared model run,
     "detect" that of the shared detection, and "total" the whole call.
@@ -324,8 +325,9 @@ def _to_dict(item: _Item, liveness_threshold: float) -> dict:
     for i in range(len(item.faces)):
         face = _face_summary(item, i)
         face["landmarks"] = _coords(item.faces.landmarks[i])
-        if item.embeddings is not None:
-            face["embedding"] = item.embeddings[i].astype(np.float64).tolist()
+        # null when switched off, as in audio results: every face has the same keys.
+        face["embedding"] = None if item.embeddings is None else item.embeddings[i].astype(np.float64).tolist()
+        face["liveness"] = None
         if item.live is not None:
             score = float(item.live[i])
             face["liveness"] = {"score": score, "is_live": score >= liveness_threshold}
