@@ -31,7 +31,7 @@ from celery.worker.request import create_request_cls
 from celery.worker.state import task_accepted, task_ready, task_reserved
 from celery.worker.strategy import default as default_strategy
 
-from workers.bootstrap import current_runtime, forget_unstored
+from workers.bootstrap import current_runtime, forget_unstored, release_unstored
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,15 @@ def run_batch(task_name: str, items: list[BatchItem]) -> int:
     app = importlib.import_module(f"workers.{kind}").app
     task = app.tasks[task_name]
     started = time.perf_counter()
-    outcomes = task.run_many(items)
+    try:
+        outcomes = task.run_many(items)
+    except BaseException:
+        # The main process decides what becomes of these jobs (each run again
+        # alone, or failed and their keys deleted with the failure): forget the
+        # deletions waiting here for results this process will not store.
+        for item in items:
+            release_unstored(task, item.task_id)
+        raise
     for item, outcome in zip(items, outcomes):
         if isinstance(outcome, BaseException):
             task.backend.mark_as_failure(item.task_id, outcome)

@@ -615,11 +615,17 @@ def _after_job(state=None, **kwargs) -> None:
 
 def forget_unstored(task, task_id: str | None) -> None:
     """Delete a job's keys that were left waiting for a result that was never stored."""
+    keys = release_unstored(task, task_id)
+    if keys:
+        _forget(task.backend.client, list(keys))
+
+
+def release_unstored(task, task_id: str | None) -> tuple[str, ...]:
+    """Stop waiting to delete a job's keys with its result; the keys themselves stay."""
     backend = getattr(task, "backend", None)
     if task_id and isinstance(backend, FleetResultBackend):
-        keys = backend.delete_now(task_id)
-        if keys:
-            _forget(backend.client, list(keys))
+        return backend.delete_now(task_id)
+    return ()
 
 
 def _stop_the_worker(exc: IdentError) -> None:
