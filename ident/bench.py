@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -207,8 +208,9 @@ def fleet_shape(kind: str, timeout: float = 3.0) -> dict:
     if not processes:
         raise IdentError(f"no ready {kind} worker answered at IDENT_REDIS_URL: start the fleet first")
     threads = max(m["threads"] for p in processes for m in p["models"].values())
-    models = {role: m["model"] for role, m in processes[0]["models"].items()}
-    if any({role: m["model"] for role, m in p["models"].items()} != models for p in processes[1:]):
+    # model_status keys each process's models by catalog key.
+    models = sorted(processes[0]["models"])
+    if any(sorted(p["models"]) != models for p in processes[1:]):
         raise IdentError(f"the {kind} workers at IDENT_REDIS_URL run different models: bench a fleet of one kind")
     return {
         "workers": sorted({p["hostname"] for p in processes}),
@@ -255,15 +257,22 @@ MODEL_SETTINGS = {
 }
 
 
-def fleet_model_settings(models: dict[str, str]) -> dict:
-    """Settings overrides that select ``models`` (role -> catalog key, as the fleet reports them)."""
-    chosen = {MODEL_SETTINGS[role]: key for role, key in models.items() if role in MODEL_SETTINGS}
-    if "liveness" in models:
-        chosen["liveness_ensemble"] = "liveness_ensemble" in models
+# The liveness ensemble's second model (models/catalog.py, selected_models).
+ENSEMBLE_MODEL = "minifasnet_v1se"
+
+
+def fleet_model_settings(model_keys: Sequence[str]) -> dict:
+    """Settings overrides that select the catalog models ``model_keys``, as the fleet reports them."""
+    from models.catalog import get_spec
+
+    roles = {key: get_spec(key).role for key in model_keys}
+    chosen = {MODEL_SETTINGS[role]: key for key, role in roles.items() if role in MODEL_SETTINGS}
+    if "liveness" in roles.values():
+        chosen["liveness_ensemble"] = ENSEMBLE_MODEL in roles
     return chosen
 
 
-def _baseline_process_init(kind: str, threads: int, models: dict, barrier) -> None:
+def _baseline_process_init(kind: str, threads: int, models: Sequence[str], barrier) -> None:
     # Nothing here may fail: a Pool whose initializer raises replaces the
     # process and runs it again, forever. The runtime is built by _baseline_start.
     global _baseline_start_args
@@ -321,13 +330,13 @@ def _start_baseline_processes(pool, kind: str, processes: int) -> None:
 
 def run_baseline(kind: str, inputs: list[tuple[str, bytes]], jobs: int, processes: int, threads: int,
                  batch: int = 1, warm_jobs: int = 0, progress=None, warm_progress=None,
-                 models: dict[str, str] | None = None) -> dict:
+                 models: Sequence[str] = ()) -> dict:
     """The same pipeline in ``processes`` spawned processes: ``warm_jobs`` untimed, then ``jobs`` timed.
 
-    ``models`` (role -> catalog key) are the fleet's; by default, those this environment selects.
+    ``models`` (catalog keys) are the fleet's; by default, those this environment selects.
     """
     context = multiprocessing.get_context("spawn")
-    start_args = (kind, threads, models or {}, context.Barrier(processes))
+    start_args = (kind, threads, tuple(models), context.Barrier(processes))
     with context.Pool(processes, initializer=_baseline_process_init, initargs=start_args) as pool:
         _start_baseline_processes(pool, kind, processes)
         for _outcome, payloads in _feed(pool, inputs, warm_jobs, batch):

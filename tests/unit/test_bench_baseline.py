@@ -56,8 +56,11 @@ def test_a_baseline_warms_up_before_it_times(tmp_path, models_path, data_path):
     assert report["processes"] == 2 and report["throughput_per_s"] > 0
 
 
-def test_the_baseline_selects_the_fleets_models_whatever_this_shell_says(monkeypatch):
-    """A fleet started with other IDENT_*_MODEL settings than the bench's shell: the baseline runs the fleet's."""
+def test_the_baseline_selects_the_fleets_models_whatever_this_shell_says(monkeypatch, models_path):
+    """A fleet started with other IDENT_*_MODEL settings than the bench's shell: the baseline runs the fleet's.
+
+    The fleet's models come as model_status reports them: keyed by catalog key.
+    """
     import dataclasses
 
     from ident.bench import fleet_model_settings
@@ -65,11 +68,13 @@ def test_the_baseline_selects_the_fleets_models_whatever_this_shell_says(monkeyp
     from tasks.settings import Settings
 
     monkeypatch.delenv("IDENT_SPOOF_MODEL", raising=False)
-    here = Settings.from_env({})
-    reported = {"vad": "silero_vad", "spoof": "aasist_l", "speaker_embedding": "campplus_sv_zh_en"}
-    fleets = dataclasses.replace(here, **fleet_model_settings(reported))
-    assert {role: spec.key for role, spec in selected_models(fleets, "audio").items()} == reported
-    vision = {"face_detection": "yunet_s_dynamic", "face_embedding": "arcface_mobilefacenet", "liveness": "minifasnet_v2"}
-    overrides = fleet_model_settings(vision)
-    assert overrides["liveness_ensemble"] is False, "a fleet without the ensemble's second model runs without it"
-    assert dataclasses.replace(here, **overrides).face_detection_model == "yunet_s_dynamic"
+    here = Settings.from_env({"IDENT_MODELS_DIR": str(models_path)})
+    for kind, fleet_env in (
+        ("audio", {"IDENT_SPOOF_MODEL": "aasist_l"}),
+        ("vision", {"IDENT_FACE_DETECTION_MODEL": "yunet_s_dynamic", "IDENT_LIVENESS_ENSEMBLE": "false"}),
+        ("vision", {}),
+    ):
+        fleets = Settings.from_env({"IDENT_MODELS_DIR": str(models_path), **fleet_env})
+        reported = sorted(spec.key for spec in selected_models(fleets, kind).values())
+        baseline = dataclasses.replace(here, **fleet_model_settings(reported))
+        assert sorted(spec.key for spec in selected_models(baseline, kind).values()) == reported, fleet_env
