@@ -421,6 +421,15 @@ def _safe_name(hostname: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@-]", "_", hostname)
 
 
+def fresh_status_dir() -> None:
+    """An empty status folder for this starting worker, and none left of dead ones of its name."""
+    clear_dead_status_dirs(_identity.hostname)
+    # Anything already under this name and pid is an earlier incarnation's: a
+    # restarted container is pid 1 again, with the same name and /tmp.
+    shutil.rmtree(status_dir(), ignore_errors=True)
+    status_dir().mkdir(parents=True)
+
+
 def clear_dead_status_dirs(hostname: str) -> None:
     """Remove the status folders of earlier workers of this name whose main process is gone."""
     for folder in STATUS_ROOT.glob(f"{_safe_name(hostname)}.*"):
@@ -534,8 +543,7 @@ def _on_worker_setup(sender, instance, conf, **kwargs) -> None:
         # Celery logs and swallows an Exception from a signal handler; the
         # worker must not start, so leave with SystemExit, which it lets through.
         raise SystemExit(f"the {kind} worker refused to start: {exc}") from None
-    clear_dead_status_dirs(sender)
-    status_dir().mkdir(parents=True, exist_ok=True)
+    fresh_status_dir()
 
 
 def _preflight(kind: str, settings: Settings) -> None:
