@@ -370,7 +370,8 @@ def stopped_by_signals():
             signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in handled}
+    # A signal this process was started ignoring (nohup's SIGHUP) stays ignored.
+    previous = {sig: signal.signal(sig, interrupt) for sig in handled if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:
@@ -528,7 +529,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, extras = parser.parse_known_args(argv)
-    if args.command == "submit":
+    if args.command == "submit" and "--" not in argv:
         # argparse ends a nargs="+" positional at the first option, so the second
         # file of `ident submit A --verify B` would be left over: file names and
         # options may come in any order.

@@ -67,8 +67,15 @@ def _parse_path(text: str) -> Path:
 
 
 def redacted_url(url: str) -> str:
-    """``url`` with its password (or user:password) replaced by ``**``, for messages."""
-    return re.sub(r"//([^@/]*)@", "//**@", url)
+    """``url`` with everything between ``//`` and its last ``@`` replaced by ``**``, for messages.
+
+    Up to the last ``@``: a password that is not percent-encoded may itself hold
+    ``@``, ``/``, ``#`` or ``?``, and none of it may reach a log.
+    """
+    scheme, found, rest = url.partition("//")
+    if not found or "@" not in rest:
+        return url
+    return f"{scheme}//**@{rest.rpartition('@')[2]}"
 
 
 def _redis_url_problem(url: str) -> str | None:
@@ -79,9 +86,11 @@ def _redis_url_problem(url: str) -> str | None:
     try:
         parsed.port
     except ValueError:
+        if "@" in url:
+            return ("its port is not a number from 0 to 65535, or its password holds / # ? or @, "
+                    "which must be percent-encoded (%2F %23 %3F %40)")
         return "its port is not a number from 0 to 65535"
-    if not parsed.hostname:
-        return "it names no host"
+    # No host means localhost, to redis-py and kombu alike.
     database = parsed.path.strip("/")
     if database and not database.isdigit():
         return f"the database after the host must be a number, not {database!r}"

@@ -42,10 +42,12 @@ def test_demo_runs_samples_on_an_embedded_redis(models_path):
     assert len(re.findall(r"│ (?:CUDA|CPU)ExecutionProvider +│", completed.stdout)) == 4, completed.stdout[-2000:]
 
 
-def _up_until_ready(models_path, *options: str) -> tuple[subprocess.Popen, str]:
+def _up_until_ready(models_path, *options: str, ignore_sighup: bool = False) -> tuple[subprocess.Popen, str]:
     """`ident up OPTIONS` started and waited for; (the process, what it wrote to stderr until then)."""
+    # As nohup starts it: SIGHUP ignored from the start.
+    ignore = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore_sighup else None
     up = subprocess.Popen([sys.executable, "-m", "ident.cli", "up", *options], env=_env(models_path),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
     lines = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -86,6 +88,22 @@ def test_up_stops_everything_on_sighup(models_path):
         up.send_signal(signal.SIGHUP)
         assert up.wait(timeout=90) == 0
         assert _gone(started), "nothing is left orphaned when the terminal closes"
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_up_under_nohup_outlives_sighup(models_path):
+    """`nohup ident up &`: SIGHUP was ignored on purpose and stays ignored; SIGTERM still stops it all."""
+    up, _ = _up_until_ready(models_path, ignore_sighup=True)
+    try:
+        started = _descendants_of(up.pid)
+        up.send_signal(signal.SIGHUP)
+        time.sleep(5)  # a stop would have ended the workers by now
+        assert up.poll() is None and all(p.is_running() for p in started), "SIGHUP was ignored, as nohup asked"
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=90) == 0
+        assert _gone(started)
     finally:
         if up.poll() is None:
             up.kill()

@@ -56,6 +56,8 @@ def test_files_may_follow_options_as_the_readme_shows(photo, tmp_path):
         cli.parse_args(["submit", str(photo), "--no-such-option"])
     with pytest.raises(SystemExit):
         cli.parse_args(["status", "--no-such-option"])
+    # After "--" a file may start with "-" (argparse's intermixed parsing loses that).
+    assert cli.parse_args(["submit", "--timeout", "5", "--", "-x.jpg"]).files == ["-x.jpg"]
 
 
 def test_draw_into_a_folder_that_does_not_exist_is_refused_before_sending(photo, tmp_path):

@@ -59,7 +59,6 @@ def test_environment_overrides():
         ({"IDENT_REDIS_URL": "localhost:6379"}, "IDENT_REDIS_URL='localhost:6379' is not valid: it must be a redis://"),
         ({"IDENT_REDIS_URL": "unix:///run/redis.sock"}, "IDENT_REDIS_URL='unix:///run/redis.sock' is not valid"),
         ({"IDENT_REDIS_URL": "redis://redis:63790000/0"}, "its port is not a number"),
-        ({"IDENT_REDIS_URL": "redis:///0"}, "it names no host"),
         ({"IDENT_REDIS_URL": "redis://redis/queue"}, "the database after the host must be a number"),
         # inf would hold a batch's first job forever.
         ({"IDENT_MAX_WAIT_MS": "inf"}, "IDENT_MAX_WAIT_MS=inf is not valid: it must be a finite number"),
@@ -78,6 +77,19 @@ def test_a_bad_redis_url_is_shown_with_an_example_and_without_its_password():
         Settings.from_env({"IDENT_REDIS_URL": "http://:hunter2@redis:6379/0"})
     assert "hunter2" not in str(raised.value) and "http://**@redis:6379/0" in str(raised.value)
     assert "redis://127.0.0.1:6379/0" in str(raised.value)
+    # A base64-style password holds "/", which must be percent-encoded: none of it is shown.
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env({"IDENT_REDIS_URL": "redis://:Xk9/s3cret#PW+q@redis:6379/0"})
+    assert "s3cret" not in str(raised.value) and "Xk9" not in str(raised.value)
+    assert "redis://**@redis:6379/0" in str(raised.value) and "percent-encoded" in str(raised.value)
+
+
+@pytest.mark.parametrize("url", ["redis://", "redis:///0", "redis://:pw@/0", "redis://:6380/0", "redis://localhost",
+                                 "redis://[::1]:6379/0", "rediss://h:6380/0?ssl_cert_reqs=required",
+                                 "redis://:p%2Fw@redis:6379/0"])
+def test_redis_urls_that_celery_takes_are_taken(url):
+    """No host means localhost to redis-py and kombu."""
+    assert Settings.from_env({"IDENT_REDIS_URL": url}).redis_url == url
 
 
 def test_an_empty_redis_url_is_unset_as_for_ident_up():
