@@ -247,31 +247,6 @@ _baseline_runtime = None
 _baseline_start_args: tuple = ()
 
 
-# The settings that choose each role's model, so that the baseline runs the
-# fleet's models whatever this shell's IDENT_* say.
-MODEL_SETTINGS = {
-    "face_detection": "face_detection_model",
-    "face_embedding": "face_embedding_model",
-    "spoof": "spoof_model",
-    "speaker_embedding": "speaker_model",
-}
-
-
-# The liveness ensemble's second model (models/catalog.py, selected_models).
-ENSEMBLE_MODEL = "minifasnet_v1se"
-
-
-def fleet_model_settings(model_keys: Sequence[str]) -> dict:
-    """Settings overrides that select the catalog models ``model_keys``, as the fleet reports them."""
-    from models.catalog import get_spec
-
-    roles = {key: get_spec(key).role for key in model_keys}
-    chosen = {MODEL_SETTINGS[role]: key for key, role in roles.items() if role in MODEL_SETTINGS}
-    if "liveness" in roles.values():
-        chosen["liveness_ensemble"] = ENSEMBLE_MODEL in roles
-    return chosen
-
-
 def _baseline_process_init(kind: str, threads: int, models: Sequence[str], barrier) -> None:
     # Nothing here may fail: a Pool whose initializer raises replaces the
     # process and runs it again, forever. The runtime is built by _baseline_start.
@@ -288,13 +263,14 @@ def _baseline_start(index: int) -> int:
     global _baseline_runtime
     import dataclasses
 
+    from models.catalog import settings_selecting
     from tasks.settings import load_settings
     from workers.bootstrap import WorkerRuntime
 
     kind, threads, models, barrier = _baseline_start_args
     try:
         importlib.import_module(f"workers.{kind}")  # registers the kind's pipeline
-        settings = dataclasses.replace(load_settings(), cpu_threads=threads, **fleet_model_settings(models))
+        settings = dataclasses.replace(load_settings(), cpu_threads=threads, **settings_selecting(models))
         _baseline_runtime = WorkerRuntime(kind, settings, index, 1)
     except BaseException:
         barrier.abort()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from tasks.errors import ConfigurationError
 
@@ -270,6 +270,30 @@ def choices(role: str) -> list[str]:
     return [spec.key for spec in CATALOG.values() if spec.role == role]
 
 
+# The liveness ensemble's second model, run beside minifasnet_v2 when IDENT_LIVENESS_ENSEMBLE allows.
+LIVENESS_ENSEMBLE_MODEL = "minifasnet_v1se"
+# The setting that chooses each role's model, where there is a choice (IDENT_<NAME>).
+ROLE_SETTINGS = {
+    "face_detection": "face_detection_model",
+    "face_embedding": "face_embedding_model",
+    "spoof": "spoof_model",
+    "speaker_embedding": "speaker_model",
+}
+
+
+def settings_selecting(model_keys: Sequence[str]) -> dict:
+    """Settings overrides under which :func:`selected_models` picks ``model_keys``.
+
+    ``ident bench`` gives its in-process baseline the models a running fleet
+    reports, whatever the shell it runs in selects.
+    """
+    roles = {key: get_spec(key).role for key in model_keys}
+    chosen = {ROLE_SETTINGS[role]: key for key, role in roles.items() if role in ROLE_SETTINGS}
+    if "liveness" in roles.values():
+        chosen["liveness_ensemble"] = LIVENESS_ENSEMBLE_MODEL in roles
+    return chosen
+
+
 def selected_models(settings, kind: str) -> dict[str, ModelSpec]:
     """The catalog entries a worker of ``kind`` ('vision' or 'audio') runs, by role.
 
@@ -282,7 +306,7 @@ def selected_models(settings, kind: str) -> dict[str, ModelSpec]:
             "face_embedding": _checked(settings.face_embedding_model, "face_embedding", "IDENT_FACE_EMBEDDING_MODEL"),
             "liveness": get_spec("minifasnet_v2"),
         }
-        ensemble = get_spec("minifasnet_v1se")
+        ensemble = get_spec(LIVENESS_ENSEMBLE_MODEL)
         if settings.liveness_ensemble and (settings.models_dir / ensemble.filename).exists():
             chosen["liveness_ensemble"] = ensemble
         return chosen

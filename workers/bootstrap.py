@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 from celery import Celery, Task, signals
 from celery.exceptions import Reject
 from celery.platforms import EX_FAILURE
@@ -434,18 +435,8 @@ def clear_dead_status_dirs(hostname: str) -> None:
     """Remove the status folders of earlier workers of this name whose main process is gone."""
     for folder in STATUS_ROOT.glob(f"{_safe_name(hostname)}.*"):
         pid = folder.name.rsplit(".", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 FAILED = "failed"

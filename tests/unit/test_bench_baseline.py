@@ -63,8 +63,7 @@ def test_the_baseline_selects_the_fleets_models_whatever_this_shell_says(monkeyp
     """
     import dataclasses
 
-    from ident.bench import fleet_model_settings
-    from models.catalog import selected_models
+    from models.catalog import selected_models, settings_selecting
     from tasks.settings import Settings
 
     monkeypatch.delenv("IDENT_SPOOF_MODEL", raising=False)
@@ -76,5 +75,5 @@ def test_the_baseline_selects_the_fleets_models_whatever_this_shell_says(monkeyp
     ):
         fleets = Settings.from_env({"IDENT_MODELS_DIR": str(models_path), **fleet_env})
         reported = sorted(spec.key for spec in selected_models(fleets, kind).values())
-        baseline = dataclasses.replace(here, **fleet_model_settings(reported))
+        baseline = dataclasses.replace(here, **settings_selecting(reported))
         assert sorted(spec.key for spec in selected_models(baseline, kind).values()) == reported, fleet_env

@@ -226,18 +226,12 @@ class YuNet:
         for index, (width, height) in enumerate(sizes):
             canvas = self.fixed_canvas or (round_up(width, self.multiple), round_up(height, self.multiple))
             groups.setdefault(canvas, []).append(index)
-        chunk = self.max_batch or MAX_BATCH
         results: list[Detections | None] = [None] * len(images)
         for canvas, indices in groups.items():
-            for start in range(0, len(indices), chunk):
-                part = indices[start : start + chunk]
-                boxes = [letterbox(images[i], sizes[i], canvas) for i in part]
-                blob = np.stack([b for b, _ in boxes]).transpose(0, 3, 1, 2).astype(np.float32)
-                raw = self.session.run(list(OUTPUT_NAMES), {self.input_name: blob})
-                outputs = dict(zip(OUTPUT_NAMES, raw))
-                found = decode(outputs, canvas[0], canvas[1], self.score_threshold, self.nms_iou, self.top_k)
-                for i, (_, lb), det in zip(part, boxes, found):
-                    results[i] = _inside(lb.to_original(det), lb)
+            boxes = [letterbox(images[i], sizes[i], canvas) for i in indices]
+            found = self._run_canvases([b for b, _ in boxes])
+            for i, (_, lb), det in zip(indices, boxes, found):
+                results[i] = _inside(lb.to_original(det), lb)
         if self.second_look_below is not None:
             results = self._second_look(images, results)
         return results
