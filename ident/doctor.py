@@ -39,6 +39,15 @@ from models.cuda import (
     format_cuda_version,
     probe_cuda,
 )
+from models import cuda_builds
+from models.catalog import CUDA_CONTEXT_MIB
+from models.cuda_builds import (
+    MIN_DRIVER_BRANCH,
+    SMI_QUERY_FIELDS,
+    architecture,
+    parse_compute_cap,
+    parse_smi_query,
+)
 from tasks.errors import ConfigurationError, IdentError
 
 OK = "ok"
@@ -57,16 +66,10 @@ VENDORS = {NVIDIA_VENDOR: "NVIDIA", "0x1002": "AMD", "0x8086": "Intel", "0x1a03"
 # (ASPEED, Matrox) sits beside its NVIDIA GPUs without making it "hybrid".
 INTEGRATED_VENDORS = {"0x1002", "0x8086"}
 
-# The last onnxruntime-gpu on PyPI built for CUDA 12 is 1.26.x: from 1.27.0 the
-# [cuda,cudnn] extras pull nvidia-*-cu13 wheels (checked against the package
-# metadata of both releases).
-ORT_CUDA12_SPEC = "onnxruntime-gpu[cuda,cudnn]<1.27"
 ORT_GPU_SPEC = "onnxruntime-gpu[cuda,cudnn]"
-# Lowest compute capability each CUDA major still compiles for. CUDA 13 dropped
-# Maxwell, Pascal and Volta (sm_50..sm_72); CUDA 12 still covers sm_50 up.
+# For an onnxruntime-gpu that models/cuda_builds.json does not list: the lowest
+# compute capability each CUDA major still compiles for.
 MIN_COMPUTE_CAPABILITY = {11: (3, 5), 12: (5, 0), 13: (7, 5)}
-# Oldest Linux driver branch that supports each CUDA major.
-MIN_DRIVER_BRANCH = {11: 450, 12: 525, 13: 580}
 
 # Distributions that all install the one ``onnxruntime`` Python module; two of
 # them together overwrite each other's files.
@@ -103,7 +106,6 @@ PRIME_VARIABLES = (
 )
 HIDING_VISIBLE_DEVICES = ("", "-1", "none", "NoDevFiles")
 
-SMI_QUERY_FIELDS = "name,compute_cap,driver_version,pci.bus_id,memory.total"
 SMI_TIMEOUT_S = 20
 
 DRIVER_FIX = (
@@ -171,31 +173,6 @@ class DoctorReport:
 # ---------------------------------------------------------------------------
 
 
-def parse_smi_query(text: str) -> list[dict]:
-    """``nvidia-smi --query-gpu=name,compute_cap,driver_version,pci.bus_id,memory.total
-    --format=csv,noheader`` -> one dict per GPU, in nvidia-smi's (PCI bus) order."""
-    gpus = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        # GPU names contain no commas, so a plain split is exact.
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 5:
-            continue
-        name, compute_cap, driver, bus_id, memory = parts
-        gpus.append(
-            {
-                "index": len(gpus),
-                "name": name,
-                "compute_cap": compute_cap,
-                "driver_version": driver,
-                "pci_bus_id": bus_id,
-                "memory_total": memory,
-            }
-        )
-    return gpus
-
-
 def parse_smi_cuda_version(text: str) -> str | None:
     """The 'CUDA Version: 13.0' of plain nvidia-smi's header: the newest CUDA the driver supports."""
     match = re.search(r"CUDA Version:\s*([0-9]+(?:\.[0-9]+)?)", text or "")
@@ -210,20 +187,6 @@ def parse_ldconfig(text: str) -> dict[str, list[str]]:
         if match:
             found.setdefault(match.group(1), []).append(match.group(3))
     return found
-
-
-def parse_compute_cap(text: str) -> tuple[int, int] | None:
-    match = re.match(r"^\s*(\d+)\.(\d+)", text or "")
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
-def architecture(cc: tuple[int, int]) -> str:
-    major, minor = cc
-    if major == 7:
-        return "Turing" if minor >= 5 else "Volta"
-    if major == 8:
-        return "Ada" if minor >= 9 else "Ampere"
-    return {3: "Kepler", 5: "Maxwell", 6: "Pascal", 9: "Hopper", 10: "Blackwell", 12: "Blackwell"}.get(major, "unknown")
 
 
 def _major(version: str | None) -> int | None:
@@ -770,15 +733,21 @@ def check_cuda_libraries(probes: Mapping) -> Check:
     return Check(name, OK, detail)
 
 
+def _host_choice(probes: Mapping, override: str | None = None) -> cuda_builds.Choice:
+    """The install line scripts/setup.sh would pick for this host's GPUs."""
+    return cuda_builds.choose(_smi_gpus(probes), override=override)
+
+
 def check_versions(probes: Mapping) -> Check:
-    """onnxruntime's build CUDA vs the driver's CUDA vs each GPU's compute capability."""
+    """onnxruntime's build CUDA vs the driver's CUDA vs the code its wheel carries for each GPU."""
     name = "CUDA versions (build / driver / GPU)"
     ort = probes.get("ort") or {}
     build = ort.get("build_cuda") or ""
     build_major = _major(build)
     if build_major is None:
         return Check(name, SKIP, "onnxruntime is not a CUDA build")
-    package = f"onnxruntime-gpu {ort.get('version') or '?'}"
+    version = ort.get("version") or "?"
+    package = f"onnxruntime-gpu {version}"
     driver_cuda = _driver_cuda(probes)
     gpus = _smi_gpus(probes)
     if driver_cuda is None and not gpus:
@@ -791,16 +760,13 @@ def check_versions(probes: Mapping) -> Check:
         driver_major = _major(driver_cuda)
         if driver_major is not None and driver_major < build_major:
             problems.append(f"{package} is built for CUDA {build} but the {driver_text}")
-            fixes.append(
-                f"upgrade the NVIDIA driver to branch {MIN_DRIVER_BRANCH.get(build_major, '?')} or newer, "
-                "or install the "
-                f"release line built for CUDA {driver_major}"
-                + (
-                    f": `pip uninstall -y onnxruntime-gpu && pip install '{ORT_CUDA12_SPEC}'`"
-                    if driver_major == 12
-                    else ""
-                )
-            )
+            fix = f"upgrade the NVIDIA driver to branch {MIN_DRIVER_BRANCH.get(build_major, '?')} or newer"
+            if gpus:
+                choice = _host_choice(probes)
+                if choice.line != "cpu":
+                    fix += f", or install the line built for this driver: {choice.advice()}"
+            fixes.append(fix)
+    known = cuda_builds.build(version)
     minimum = MIN_COMPUTE_CAPABILITY.get(build_major)
     wanted = set(_gpu_ids(probes))
     too_old, fine = [], []
@@ -809,32 +775,29 @@ def check_versions(probes: Mapping) -> Check:
         if cc is None:
             continue
         label = f"GPU {gpu['index']} {gpu['name']} is sm_{cc[0]}{cc[1]} ({architecture(cc)})"
-        (too_old if minimum and cc < minimum else fine).append((gpu["index"], label))
+        runs = known.runs_on(cc) if known else not (minimum and cc < minimum)
+        (fine if runs else too_old).append((gpu["index"], label, cc, gpu))
     status = FAIL if problems else OK
     if too_old:
-        labels = "; ".join(label for _, label in too_old)
+        labels = "; ".join(label for _, label, _, _ in too_old)
+        if known:
+            carried = f"{package} (CUDA {known.cuda_version}) carries {known.code_listing()}, none of it for these"
+        else:
+            carried = (f"{package} is not in models/cuda_builds.json; CUDA {build_major} builds run only on "
+                       f"sm_{minimum[0]}{minimum[1]} ({architecture(minimum)}) and newer")
+        problems.append(f"{labels}: {carried}"
+                        + (" — CUDA 13 dropped Maxwell, Pascal and Volta" if build_major >= 13 else ""))
         # Only a GPU the worker is configured to use blocks it; with no usable
         # GPU at all, the configured index falls back to the first one.
-        blocked = [i for i, _ in too_old if i in wanted] or ([] if fine else [too_old[0][0]])
-        problems.append(
-            f"{labels}: CUDA {build_major} builds run only on sm_{minimum[0]}{minimum[1]} "
-            f"({architecture(minimum)}) and newer"
-            + (" — CUDA 13 dropped Maxwell, Pascal and Volta" if build_major >= 13 else "")
-        )
-        if build_major >= 13:
-            fix = (
-                f"install the onnxruntime-gpu release line built for CUDA 12 (PyPI 1.26.x and older): "
-                f"`pip uninstall -y onnxruntime-gpu && pip install '{ORT_CUDA12_SPEC}'`, "
-                "with a driver of branch 525 or "
-                "newer (branch 580 is the last that supports Pascal); or set IDENT_DEVICE=cpu"
-            )
-        else:
-            fix = "use a newer GPU, or set IDENT_DEVICE=cpu"
+        blocked = [i for i, *_ in too_old if i in wanted] or ([] if fine else [too_old[0][0]])
+        _, _, cc, gpu = min(too_old, key=lambda row: row[2])
+        fix = cuda_builds.choose_for(cc, cuda_builds.driver_branch(gpu["driver_version"]),
+                                     card=f"GPU {gpu['index']} {gpu['name']}").advice()
         if blocked:
             status = FAIL
         else:
             status = max(status, WARN, key=_severity)
-            fix = f"keep IDENT_GPU_IDS on the supported GPU(s) ({', '.join(str(i) for i, _ in fine)}), or " + fix
+            fix = f"keep IDENT_GPU_IDS on the supported GPU(s) ({', '.join(str(i) for i, *_ in fine)}), or " + fix
         fixes.append(fix)
     if problems:
         return Check(name, status, "; ".join(problems), "; ".join(fixes))
@@ -842,10 +805,45 @@ def check_versions(probes: Mapping) -> Check:
     if driver_text:
         parts.append(driver_text)
     if fine:
-        parts.append(
-            "; ".join(label for _, label in fine) + (f", at least sm_{minimum[0]}{minimum[1]}" if minimum else "")
-        )
+        carries = f", which {package} carries code for ({known.code_listing()})" if known else ""
+        parts.append("; ".join(label for _, label, _, _ in fine) + carries)
     return Check(name, OK, "; ".join(parts))
+
+
+def _mib(text: str) -> int | None:
+    match = re.match(r"^\s*(\d+)\s*MiB", text or "")
+    return int(match.group(1)) if match else None
+
+
+def check_gpu_memory(probes: Mapping) -> Check:
+    """The configured models x pool processes, as estimated in the catalog, against the card's memory."""
+    name = "GPU memory"
+    settings = probes.get("settings") or {}
+    gpus = _smi_gpus(probes)
+    if not gpus or settings.get("error") or settings.get("device") == "cpu":
+        return Check(name, SKIP, "no NVIDIA GPU to weigh the models against" if not gpus else
+                     "the workers do not use the GPU (IDENT_DEVICE=cpu or a settings error)")
+    ids = _gpu_ids(probes)
+    gpu = next((g for g in gpus if g["index"] == ids[0]), gpus[0])
+    total = _mib(gpu["memory_total"])
+    estimate = settings.get("gpu_memory") or {}
+    if total is None or not estimate:
+        return Check(name, SKIP, f"GPU {gpu['index']} reports memory.total {gpu['memory_total']!r}, "
+                                 "or no model estimate was probed")
+    need = estimate["total_mib"]
+    parts = "; ".join(f"{kind}: {row['processes']} process(es) x ({CUDA_CONTEXT_MIB} MiB CUDA context + "
+                      + " + ".join(f"{model} {mib}" for model, mib in row["models"].items()) + " MiB)"
+                      for kind, row in estimate["workers"].items())
+    detail = (f"GPU {gpu['index']} {gpu['name']} has {total} MiB; the workers need about {need} MiB "
+              f"({need * 100 // total} %): {parts}; on the CPU: {', '.join(estimate['on_cpu']) or 'nothing'}")
+    fix = ("run fewer pool processes on this GPU (`-c`, IDENT_VISION_CONCURRENCY / IDENT_AUDIO_CONCURRENCY in "
+           "compose), keep models on the CPU with IDENT_CPU_MODELS (e.g. spoof,speaker_embedding), or lower "
+           "IDENT_MAX_BATCH; a session that still runs out moves to the CPU and says so")
+    if need > total:
+        return Check(name, FAIL, detail, fix)
+    if need * 10 > total * 9:
+        return Check(name, WARN, detail + "; little is left for the display or other programs", fix)
+    return Check(name, OK, detail)
 
 
 def check_environment(probes: Mapping) -> Check:
@@ -1017,6 +1015,7 @@ CHECKS: tuple[Callable[[Mapping], Check], ...] = (
     check_driver_library,
     check_cuda_libraries,
     check_versions,
+    check_gpu_memory,
     check_environment,
     check_settings,
     check_cuda_provider,
@@ -1274,7 +1273,7 @@ def probe_nvidia_module(proc_root: Path = Path("/proc")) -> dict:
     return {"proc_version": _read(proc_root / "driver" / "nvidia" / "version"), "modules": modules}
 
 
-def probe_settings(environ: Mapping[str, str]) -> dict:
+def probe_settings(environ: Mapping[str, str], pool_processes: Mapping[str, int] | None = None) -> dict:
     from tasks.settings import Settings
 
     try:
@@ -1286,7 +1285,27 @@ def probe_settings(environ: Mapping[str, str]) -> dict:
         "device": settings.device,
         "gpu_ids": list(settings.gpu_ids),
         "models_dir": str(settings.models_dir),
+        "gpu_memory": gpu_memory_estimate(settings, pool_processes or {}),
     }
+
+
+def gpu_memory_estimate(settings, pool_processes: Mapping[str, int]) -> dict:
+    """What the vision and audio workers would hold on one GPU, from the catalog's per-model estimates."""
+    from models.catalog import gpu_memory_estimate_mib, selected_models
+
+    workers, on_cpu, total = {}, [], 0
+    for kind in ("vision", "audio"):
+        processes = pool_processes.get(kind, 1)
+        models = {}
+        for spec in selected_models(settings, kind).values():
+            if spec.key in settings.cpu_models or spec.role in settings.cpu_models:
+                on_cpu.append(spec.key)
+            else:
+                models[spec.key] = gpu_memory_estimate_mib(spec, settings.max_batch)
+        workers[kind] = {"processes": processes, "models": models}
+        if models and processes:
+            total += processes * (CUDA_CONTEXT_MIB + sum(models.values()))
+    return {"workers": workers, "on_cpu": on_cpu, "total_mib": total}
 
 
 def probe_placements(models_dir: Path, device_id: int, facts: CudaFacts) -> dict:
@@ -1332,7 +1351,8 @@ def _placement_log(path: Path, device_id: int) -> dict:
     return {"lines": placement_lines(lines), "error": None}
 
 
-def collect_probes(environ: Mapping[str, str] | None = None, *, models: bool = True) -> dict:
+def collect_probes(environ: Mapping[str, str] | None = None, *, models: bool = True,
+                   pool_processes: Mapping[str, int] | None = None) -> dict:
     """Everything ``evaluate`` needs, read from this host."""
     env = dict(os.environ if environ is None else environ)
     facts = probe_cuda()
@@ -1345,7 +1365,7 @@ def collect_probes(environ: Mapping[str, str] | None = None, *, models: bool = T
         "import_error": facts.provider_library_error if not facts.ort_version else None,
     }
     sonames = [lib.soname for lib in cuda_library_sonames(facts.ort_build_cuda or "")] or ["libcuda.so.1"]
-    settings = probe_settings(env)
+    settings = probe_settings(env, pool_processes)
     library_path = env.get("LD_LIBRARY_PATH") or ""
     probes = {
         "ort": ort_info,
@@ -1370,9 +1390,10 @@ def collect_probes(environ: Mapping[str, str] | None = None, *, models: bool = T
     return probes
 
 
-def collect(environ: Mapping[str, str] | None = None, *, models: bool = True) -> DoctorReport:
+def collect(environ: Mapping[str, str] | None = None, *, models: bool = True,
+            pool_processes: Mapping[str, int] | None = None) -> DoctorReport:
     """Probe this host and evaluate it."""
-    return build_report(collect_probes(environ, models=models))
+    return build_report(collect_probes(environ, models=models, pool_processes=pool_processes))
 
 
 # ---------------------------------------------------------------------------
@@ -1385,6 +1406,9 @@ STATUS_STYLES = {OK: "green", WARN: "yellow", FAIL: "bold red", SKIP: "dim"}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the checks and the verdict as JSON")
     parser.add_argument("--no-models", action="store_true", help="skip the per-model CUDA sessions (node placement)")
+    for kind in ("vision", "audio"):
+        parser.add_argument(f"--{kind}-concurrency", type=int, default=1, metavar="N",
+                            help=f"pool processes of the {kind} worker on this GPU, for the memory check (default 1)")
     parser.add_argument(
         "--save-probes", metavar="FILE", type=Path, help="also write the raw probes to FILE (attach it to a bug report)"
     )
@@ -1405,7 +1429,8 @@ def run(args: argparse.Namespace) -> int:
         if args.from_probes:
             report = build_report(_load_probes(args.from_probes))
         else:
-            report = collect(models=not args.no_models)
+            report = collect(models=not args.no_models,
+                             pool_processes={"vision": args.vision_concurrency, "audio": args.audio_concurrency})
         if args.save_probes:
             try:
                 args.save_probes.write_text(json.dumps(report.probes, indent=2, sort_keys=True) + "\n")

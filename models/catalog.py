@@ -25,6 +25,12 @@ ARCFACE_TEMPLATE_112 = (
 )
 
 
+# params["gpu_memory_mib"] = (fixed, per row): a session's GPU memory, weights and
+# activations, in MiB, estimated from its CPU arena's peak at batch 1 and 16 (no
+# GPU was at hand; docs/gpu.md). A run holds gpu_rows_per_run rows where the model
+# chunks them itself (faces of one photo), else IDENT_MAX_BATCH jobs.
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     key: str
@@ -63,7 +69,7 @@ CATALOG: dict[str, ModelSpec] = {
             url=f"{_GH}/opencv/opencv_zoo/raw/main/models/face_detection_yunet/face_detection_yunet_2023mar.onnx",
             source="opencv_zoo face_detection_yunet (ShiqiYu/libfacedetection.train yunet_s 640x640)",
             licence="MIT",
-            params={"input_size": (640, 640), "dynamic": False},
+            params={"gpu_memory_mib": (12, 32), "input_size": (640, 640), "dynamic": False},
         ),
         ModelSpec(
             key="yunet_s_dynamic",
@@ -78,6 +84,7 @@ CATALOG: dict[str, ModelSpec] = {
             extra=True,
             # Sides must be multiples of 32; the batch is free.
             params={
+                "gpu_memory_mib": (12, 28),
                 "input_size": (640, 640),
                 "dynamic": True,
                 "stride_multiple": 32,
@@ -96,6 +103,7 @@ CATALOG: dict[str, ModelSpec] = {
             licence="MIT (training data CASIA-WebFace: non-commercial research only)",
             substitute=True,
             params={
+                "gpu_memory_mib": (8, 7), "gpu_rows_per_run": 32,
                 "input_size": (112, 112),
                 "template": ARCFACE_TEMPLATE_112,
                 "rgb": True,
@@ -117,6 +125,7 @@ CATALOG: dict[str, ModelSpec] = {
             source="InsightFace buffalo_s w600k_mbf.onnx (WebFace600K); distributed only inside the buffalo_s zip",
             licence="InsightFace: non-commercial research only",
             params={
+                "gpu_memory_mib": (16, 10), "gpu_rows_per_run": 32,
                 "input_size": (112, 112),
                 "template": ARCFACE_TEMPLATE_112,
                 "rgb": True,
@@ -135,7 +144,8 @@ CATALOG: dict[str, ModelSpec] = {
             url=None,
             source="minivision-ai/Silent-Face-Anti-Spoofing 2.7_80x80_MiniFASNetV2.pth, converted to ONNX",
             licence="Apache-2.0",
-            params={"scale": 2.7, "input_size": (80, 80), "live_class": 1},
+            params={"gpu_memory_mib": (4, 4), "gpu_rows_per_run": 32,
+                    "scale": 2.7, "input_size": (80, 80), "live_class": 1},
         ),
         ModelSpec(
             key="minifasnet_v1se",
@@ -148,7 +158,8 @@ CATALOG: dict[str, ModelSpec] = {
             source="minivision-ai/Silent-Face-Anti-Spoofing 4_0_0_80x80_MiniFASNetV1SE.pth, converted to ONNX",
             licence="Apache-2.0",
             extra=True,
-            params={"scale": 4.0, "input_size": (80, 80), "live_class": 1},
+            params={"gpu_memory_mib": (4, 4), "gpu_rows_per_run": 32,
+                    "scale": 4.0, "input_size": (80, 80), "live_class": 1},
         ),
         ModelSpec(
             key="silero_vad",
@@ -161,6 +172,7 @@ CATALOG: dict[str, ModelSpec] = {
             source="snakers4/silero-vad v6.2 (PyPI silero-vad==6.2.3)",
             licence="MIT",
             params={
+                "gpu_memory_mib": (4, 2),
                 "sample_rate": 16000,
                 "chunk_samples": 512,
                 "context_samples": 64,
@@ -183,6 +195,7 @@ CATALOG: dict[str, ModelSpec] = {
             source="clovaai/aasist models/weights/AASIST.pth, converted to ONNX",
             licence="MIT",
             params={
+                "gpu_memory_mib": (4, 320),
                 "window_samples": 64600, "bonafide_class": 1,
                 "speech_level_dbfs": -26.0, "min_speech_level_dbfs": -55.0, "threshold": -3.2,
             },
@@ -199,6 +212,7 @@ CATALOG: dict[str, ModelSpec] = {
             licence="MIT",
             extra=True,
             params={
+                "gpu_memory_mib": (4, 325),
                 "window_samples": 64600, "bonafide_class": 1,
                 "speech_level_dbfs": -26.0, "min_speech_level_dbfs": -55.0, "threshold": -4.05,
             },
@@ -215,6 +229,7 @@ CATALOG: dict[str, ModelSpec] = {
             licence="Apache-2.0",
             substitute=True,
             params={
+                "gpu_memory_mib": (30, 250),
                 "input_name": "feature",
                 "fbank": {
                     "num_bins": 80,
@@ -240,6 +255,7 @@ CATALOG: dict[str, ModelSpec] = {
             source="WeSpeaker ECAPA-TDNN512-LM (VoxCeleb)",
             licence="CC-BY-4.0 (VoxCeleb)",
             params={
+                "gpu_memory_mib": (30, 250),
                 "input_name": "feats",
                 "fbank": {
                     "num_bins": 80,
@@ -324,3 +340,19 @@ def _checked(key: str, role: str, env_var: str) -> ModelSpec:
     if spec is None or spec.role != role:
         raise ConfigurationError(f"{env_var}={key!r} is not a {role} model; choose one of {', '.join(choices(role))}")
     return spec
+
+
+# A CUDA context with cuBLAS and cuDNN loaded, per process (estimate: docs/gpu.md).
+CUDA_CONTEXT_MIB = 300
+
+
+def gpu_memory_estimate_mib(spec: ModelSpec, max_batch: int = 1) -> int:
+    """Weights and activations of one session's largest run, in MiB (catalog estimates, docs/gpu.md)."""
+    fixed, per_row = spec.params["gpu_memory_mib"]
+    return fixed + per_row * spec.params.get("gpu_rows_per_run", max(1, max_batch))
+
+
+def gpu_memory_limit_mib(spec: ModelSpec, batch: int = 1) -> int:
+    """The arena limit a session gets by default: its estimate with half again for fragmentation, in 32 MiB steps."""
+    wanted = gpu_memory_estimate_mib(spec, batch) * 3 // 2
+    return max(64, -(-wanted // 32) * 32)

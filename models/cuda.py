@@ -16,6 +16,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from models.cuda_builds import build, no_code_reason
+
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 
@@ -23,6 +25,9 @@ CPU_EP = "CPUExecutionProvider"
 CUDA_SUCCESS = 0
 CUDA_ERROR_NO_DEVICE = 100
 CUDA_ERROR_INSUFFICIENT_DRIVER = 35
+# CUdevice_attribute values of cuda.h.
+CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
+CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
 
 
 @dataclass
@@ -38,7 +43,15 @@ class CudaFacts:
     driver_cuda_version: int | None = None
     cu_init_result: int | None = None
     device_count: int | None = None
+    # Per visible device, as the driver reports it: [[6, 1]] for a GeForce MX230.
+    compute_capabilities: list[list[int]] = field(default_factory=list)
     provider_library_error: str | None = None
+
+    def compute_capability(self, device_id: int) -> tuple[int, int] | None:
+        if 0 <= device_id < len(self.compute_capabilities):
+            major, minor = self.compute_capabilities[device_id]
+            return major, minor
+        return None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,8 +71,13 @@ def probe_cuda() -> CudaFacts:
     facts.ort_build_cuda = _ort_build_cuda_version()
     _probe_driver(facts)
     if CUDA_EP in facts.available_providers:
-        _preload_pip_cuda_libraries()
-        facts.provider_library_error = _probe_provider_library(Path(ort.__file__).parent / "capi")
+        if facts.libcuda_error and not hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu 1.20 and older: the CUDA provider's static
+            # initialiser dlopens libcuda.so.1 and aborts the process without it.
+            facts.provider_library_error = "not loaded: this onnxruntime-gpu's CUDA provider needs libcuda.so.1 to load"
+        else:
+            _preload_pip_cuda_libraries()
+            facts.provider_library_error = _probe_provider_library(Path(ort.__file__).parent / "capi")
     return facts
 
 
@@ -76,7 +94,11 @@ def _ort_build_cuda_version() -> str:
     try:
         from onnxruntime.capi import build_and_package_info as info
     except ImportError:
-        return ""
+        # onnxruntime-gpu 1.20 and older do not say; the build table read it from their cubins.
+        import onnxruntime as ort
+
+        known = build(ort.__version__)
+        return known.cuda_version if known else ""
     return str(getattr(info, "cuda_version", "") or "")
 
 
@@ -94,8 +116,17 @@ def _probe_driver(facts: CudaFacts) -> None:
         count = ctypes.c_int(0)
         if libcuda.cuDeviceGetCount(ctypes.byref(count)) == CUDA_SUCCESS:
             facts.device_count = count.value
+            facts.compute_capabilities = [_compute_capability(libcuda, i) for i in range(count.value)]
     elif facts.cu_init_result == CUDA_ERROR_NO_DEVICE:
         facts.device_count = 0
+
+
+def _compute_capability(libcuda, ordinal: int) -> list[int]:
+    device, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+    libcuda.cuDeviceGet(ctypes.byref(device), ordinal)
+    libcuda.cuDeviceGetAttribute(ctypes.byref(major), CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device)
+    libcuda.cuDeviceGetAttribute(ctypes.byref(minor), CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device)
+    return [major.value, minor.value]
 
 
 def _preload_pip_cuda_libraries() -> None:
@@ -108,9 +139,38 @@ def _preload_pip_cuda_libraries() -> None:
         return
     import onnxruntime as ort
 
+    if not hasattr(ort, "preload_dlls"):
+        _load_nvidia_wheel_libraries()
+        return
     with contextlib.redirect_stdout(io.StringIO()):
         with contextlib.suppress(Exception):
             ort.preload_dlls()
+
+
+# Load order for the nvidia-* wheels' libraries: each after those it links to.
+_NVIDIA_WHEEL_DIRS = ("cuda_runtime", "cuda_nvrtc", "nvjitlink", "cublas", "cufft", "curand", "cudnn")
+
+
+def _dependencies_first(library: Path) -> tuple[bool, str]:
+    # libcublasLt before libcublas; cuDNN's engine libraries (libcudnn_*) before libcudnn.
+    return not ("Lt." in library.name or "_" in library.name), library.name
+
+
+def _load_nvidia_wheel_libraries() -> None:
+    """What ``preload_dlls`` does, for onnxruntime-gpu before 1.21 (the Maxwell line, 1.20.x).
+
+    Those builds find CUDA only on the loader's path; loaded here first, with
+    RTLD_GLOBAL, the wheels' libraries satisfy the CUDA provider's dlopen. A
+    library that fails to load is left for the provider probe to name.
+    """
+    import site
+
+    roots = [Path(p) / "nvidia" for p in (*site.getsitepackages(), site.getusersitepackages())]
+    for name in _NVIDIA_WHEEL_DIRS:
+        for root in roots:
+            for library in sorted((root / name / "lib").glob("lib*.so*"), key=_dependencies_first):
+                with contextlib.suppress(OSError):
+                    ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
 
 
 def _distribution_names() -> set[str]:
@@ -200,4 +260,8 @@ def explain_cpu_fallback(facts: CudaFacts, device_id: int = 0) -> str | None:
             f"GPU {device_id} was asked for (IDENT_GPU_IDS) but only {facts.device_count} "
             f"GPU(s) are visible to this process"
         )
+    cc = facts.compute_capability(device_id)
+    if cc is not None:
+        # What the wheel carries decides, not what its CUDA version could compile for.
+        return no_code_reason(facts.ort_version, cc)
     return None

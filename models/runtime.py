@@ -18,16 +18,17 @@ import logging
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-from models.catalog import ModelSpec
+from models.catalog import ModelSpec, gpu_memory_limit_mib
 from models.cuda import CPU_EP, CUDA_EP, CudaFacts, explain_cpu_fallback, probe_cuda
-from models.rewrite import CpuGraph, for_cpu
+from models.cuda_failures import CudaFailure, classify, explain, meaning
+from models.rewrite import for_cpu
 from tasks.errors import DeviceUnavailable, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -47,29 +48,67 @@ _NUMPY_TYPES = {
 
 @dataclass(frozen=True)
 class DevicePlan:
-    """Which providers to ask for, and why CUDA is not among them when it is not."""
+    """Which providers to ask for, and why CUDA is not among them when it is not.
+
+    ``strict`` (IDENT_DEVICE=cuda) turns every CUDA failure into
+    DeviceUnavailable instead of a move to the CPU; ``facts`` lets a failure's
+    explanation name the card.
+    """
 
     providers: list[Any]
     device_id: int | None
     cpu_reason: str | None
+    strict: bool = False
+    facts: CudaFacts | None = None
+    # Short and stable, for status and metrics: device_cpu, cpu_models, cuda_unavailable.
+    reason_code: str | None = None
+
+    def for_model(self, spec: ModelSpec, cpu_models: Sequence[str] = (), gpu_mem_limit_mib: int = 0,
+                  max_batch: int = 1) -> "DevicePlan":
+        """This plan for one model: on the CPU if IDENT_CPU_MODELS names it, else with its own arena limit."""
+        if self.device_id is None:
+            return self
+        if spec.key in cpu_models or spec.role in cpu_models:
+            return replace(self, providers=[CPU_EP], device_id=None,
+                           cpu_reason=f"IDENT_CPU_MODELS keeps {spec.key} on the CPU", reason_code="cpu_models")
+        limit = gpu_mem_limit_mib or gpu_memory_limit_mib(spec, max_batch)
+        options = {**self.providers[0][1], "gpu_mem_limit": limit * MIB}
+        return replace(self, providers=[(CUDA_EP, options), CPU_EP])
+
+    @property
+    def gpu_mem_limit_mib(self) -> int | None:
+        if self.device_id is None:
+            return None
+        limit = self.providers[0][1].get("gpu_mem_limit")
+        return limit // MIB if limit else None
 
 
-def plan_device(device: str, device_id: int, facts: CudaFacts | None = None) -> DevicePlan:
+MIB = 1 << 20
+def plan_device(device: str, device_id: int, facts: CudaFacts | None = None, *,
+                conv_algo_search: str = "HEURISTIC", tf32: bool = False) -> DevicePlan:
     """Decide the providers for IDENT_DEVICE=auto|cuda|cpu on this host.
 
     ``cuda`` is strict: when CUDA cannot run, it raises with the reason
     instead of quietly running on CPU.
     """
     if device == "cpu":
-        return DevicePlan([CPU_EP], None, "IDENT_DEVICE=cpu asks for the CPU only")
+        return DevicePlan([CPU_EP], None, "IDENT_DEVICE=cpu asks for the CPU only", reason_code="device_cpu")
     facts = probe_cuda() if facts is None else facts
+    strict = device == "cuda"
     reason = explain_cpu_fallback(facts, device_id)
     if reason is not None:
-        if device == "cuda":
+        if strict:
             raise DeviceUnavailable(f"IDENT_DEVICE=cuda but CUDA cannot be used: {reason}")
-        return DevicePlan([CPU_EP], None, reason)
-    cuda_options = {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"}
-    return DevicePlan([(CUDA_EP, cuda_options), CPU_EP], device_id, None)
+        return DevicePlan([CPU_EP], None, reason, facts=facts, reason_code="cuda_unavailable")
+    cuda_options = {
+        "device_id": device_id,
+        "cudnn_conv_algo_search": conv_algo_search,
+        # Grow each arena by what is asked for, not by doubling: on a 2 GiB
+        # card a doubling step can ask for more than is left.
+        "arena_extend_strategy": "kSameAsRequested",
+        "use_tf32": "1" if tf32 else "0",
+    }
+    return DevicePlan([(CUDA_EP, cuda_options), CPU_EP], device_id, None, strict=strict, facts=facts)
 
 
 def cpu_threads_per_session(configured: int, pool_processes: int) -> int:
@@ -113,8 +152,17 @@ def _captured_native_stderr() -> Iterator[list[str]]:
             lines.extend(line.strip() for line in text.splitlines() if line.strip())
 
 
+CpuBuilder = Callable[[], tuple[ort.InferenceSession, tuple[str, ...]]]
+
+
 class ModelSession:
-    """One catalog model's ONNX Runtime session, with the provider it really uses."""
+    """One catalog model's ONNX Runtime session, with the provider it really uses.
+
+    A CUDA session that fails (while warming up or on a job) is rebuilt on the
+    CPU with ``cpu_session`` and the run is done again there; the reason,
+    ORT's words and what they mean, is kept for status. Under a strict plan
+    the failure is DeviceUnavailable instead.
+    """
 
     def __init__(
         self,
@@ -126,6 +174,9 @@ class ModelSession:
         device_id: int | None,
         cpu_reason: str | None,
         rewrites: tuple[str, ...] = (),
+        *,
+        cpu_session: CpuBuilder | None = None,
+        plan: DevicePlan | None = None,
     ) -> None:
         self.spec = spec
         self.path = path
@@ -135,19 +186,54 @@ class ModelSession:
         self.rewrites = rewrites
         self._session = session
         self._device_id = device_id
+        self._cpu_session = cpu_session
+        self._plan = plan
         self.provider = session.get_providers()[0]
+        self.reason_code = "cuda_ok" if self.provider == CUDA_EP else None
         self.runs = 0
+        # Called after the model moved to the CPU, so that status shows it at once.
+        self.on_device_change: Callable[[], None] | None = None
 
-    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        outputs = self._session.run(output_names, input_feed)
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray],
+            stage: str = "running a job") -> list[np.ndarray]:
+        try:
+            outputs = self._session.run(output_names, input_feed)
+        except Exception as exc:  # ORT raises its own unexported exception types
+            failure = classify(str(exc)) if self.provider == CUDA_EP else None
+            if failure is None:
+                raise
+            self._leave_cuda(failure, stage)
+            outputs = self._session.run(output_names, input_feed)
         self.runs += 1
         # ORT may drop an execution provider after a failure at run time; the
         # provider reported with a result must be the one that produced it.
         provider = self._session.get_providers()[0]
         if provider != self.provider and self.provider == CUDA_EP:
             self.cpu_reason = f"ONNX Runtime dropped the CUDA execution provider at run time (now {provider})"
+            self.reason_code = "cuda_dropped"
         self.provider = provider
         return outputs
+
+    def _leave_cuda(self, failure: CudaFailure, stage: str) -> None:
+        plan = self._plan
+        facts = plan.facts if plan else None
+        cc = facts.compute_capability(self._device_id) if facts and self._device_id is not None else None
+        reason = explain(failure, self.spec.key, stage, ort.__version__, cc, plan.gpu_mem_limit_mib if plan else None)
+        if (plan and plan.strict) or self._cpu_session is None:
+            raise DeviceUnavailable(
+                f"{reason}; IDENT_DEVICE=cuda forbids the CPU fallback (IDENT_DEVICE=auto allows it)"
+                if plan and plan.strict else reason
+            )
+        try:
+            self._session, self.rewrites = self._cpu_session()
+        except ModelUnavailable as exc:
+            raise DeviceUnavailable(f"{reason}; and it cannot run on the CPU either: {exc}") from None
+        log.warning("%s moves to the CPU: %s", self.spec.key, reason)
+        self.provider = CPU_EP
+        self.cpu_reason = f"{reason}; moved to the CPU"
+        self.reason_code = failure.code
+        if self.on_device_change is not None:
+            self.on_device_change()
 
     def get_inputs(self):
         return self._session.get_inputs()
@@ -171,6 +257,7 @@ class ModelSession:
             "device_id": self.device_id,
             "threads": self.threads,
             "rewrites": list(self.rewrites),
+            "reason": self.reason_code,
             "message": None if self.provider == CUDA_EP else self.cpu_reason,
         }
 
@@ -204,8 +291,66 @@ def checked_model_file(spec: ModelSpec, models_dir: Path) -> tuple[Path, str]:
 
 
 def open_session(spec: ModelSpec, models_dir: Path, plan: DevicePlan, threads: int) -> ModelSession:
-    """Create, check and warm one model's session."""
+    """Create, check and warm one model's session: on CUDA when the plan says so and it works, else on CPU."""
     path, sha256 = checked_model_file(spec, models_dir)
+    options = _session_options(threads)
+
+    def cpu_session() -> tuple[ort.InferenceSession, tuple[str, ...]]:
+        graph = for_cpu(path, ort.__version__)
+        for rewrite in graph.rewrites:
+            log.info("%s on CPU: %s (onnxruntime %s)", spec.key, rewrite, ort.__version__)
+        return _session_on(path, graph.source, options, [CPU_EP]), graph.rewrites
+
+    model = None
+    if plan.device_id is not None:
+        model = _cuda_session(spec, path, sha256, options, plan, threads, cpu_session)
+    if model is None:
+        session, rewrites = cpu_session()
+        model = ModelSession(spec, path, sha256, session, threads, None, plan.cpu_reason, rewrites)
+        model.reason_code = plan.reason_code
+    warm_up(model)
+    return model
+
+
+def _cuda_session(spec: ModelSpec, path: Path, sha256: str, options: ort.SessionOptions, plan: DevicePlan,
+                  threads: int, cpu_session: CpuBuilder) -> ModelSession | None:
+    """The model's CUDA session, or, when ORT declines or fails to build one, its CPU session with the reason."""
+    printed = io.StringIO()
+    try:
+        with _captured_native_stderr() as ort_messages, contextlib.redirect_stdout(printed):
+            session = ort.InferenceSession(str(path), options, providers=plan.providers)
+    except Exception as exc:  # ORT raises its own unexported exception types
+        failure = classify(str(exc)) or CudaFailure("cuda_error", str(exc))
+        probe = ModelSession(spec, path, sha256, _NoSession(), threads, plan.device_id, None,
+                             cpu_session=cpu_session, plan=plan)
+        probe._leave_cuda(failure, "creating its session")
+        return probe
+    if session.get_providers()[0] == CUDA_EP:
+        return ModelSession(spec, path, sha256, session, threads, plan.device_id, None,
+                            cpu_session=cpu_session, plan=plan)
+    said = decline_reason([line.strip() for line in printed.getvalue().splitlines() if line.strip()] + ort_messages)
+    reason = "ONNX Runtime declined the CUDA execution provider" + (f": {said}" if said else "")
+    failure = classify(said or "")
+    if failure is not None and failure.code != "cuda_error":
+        cc = plan.facts.compute_capability(plan.device_id) if plan.facts else None
+        reason += f"; {meaning(failure.code, ort.__version__, cc, plan.gpu_mem_limit_mib)}"
+    if plan.strict:
+        raise DeviceUnavailable(f"IDENT_DEVICE=cuda but {reason}")
+    # Declined: the graph runs on CPU after all, prepared for it.
+    rebuilt, rewrites = cpu_session()
+    model = ModelSession(spec, path, sha256, rebuilt, threads, plan.device_id, reason, rewrites)
+    model.reason_code = failure.code if failure else "cuda_declined"
+    return model
+
+
+class _NoSession:
+    """Stands where a CUDA session failed to be built, until the CPU session replaces it."""
+
+    def get_providers(self) -> list[str]:
+        return [CUDA_EP]
+
+
+def _session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
@@ -216,38 +361,15 @@ def open_session(spec: ModelSpec, models_dir: Path, plan: DevicePlan, threads: i
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    graph = for_cpu(path, ort.__version__) if plan.device_id is None else CpuGraph(str(path), ())
-    session, ort_messages = _create_session(path, graph.source, options, plan.providers)
-    cpu_reason = plan.cpu_reason
-    if session.get_providers()[0] != CUDA_EP:
-        if cpu_reason is None:
-            said = decline_reason(ort_messages)
-            cpu_reason = "ONNX Runtime declined the CUDA execution provider" + (f": {said}" if said else "")
-        if plan.device_id is not None:
-            # CUDA was asked for and declined: the graph runs on CPU after all.
-            graph = for_cpu(path, ort.__version__)
-            if graph.rewrites:
-                session, _ = _create_session(path, graph.source, options, [CPU_EP])
-    for rewrite in graph.rewrites:
-        log.info("%s on CPU: %s (onnxruntime %s)", spec.key, rewrite, ort.__version__)
-    model = ModelSession(spec, path, sha256, session, threads, plan.device_id, cpu_reason, graph.rewrites)
-    warm_up(model)
-    return model
+    return options
 
 
-def _create_session(
-    path: Path, source: str | bytes, options: ort.SessionOptions, providers: list[Any]
-) -> tuple[ort.InferenceSession, list[str]]:
-    # When a provider fails while the session is built, ORT's Python layer says
-    # why with print() and retries on the next provider; its C++ code logs to fd 2.
-    printed = io.StringIO()
-    with _captured_native_stderr() as ort_messages, contextlib.redirect_stdout(printed):
-        try:
-            session = ort.InferenceSession(source, options, providers=providers)
-        except Exception as exc:  # ORT raises its own unexported exception types
-            raise ModelUnavailable(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
-    said = [line.strip() for line in printed.getvalue().splitlines() if line.strip()]
-    return session, said + ort_messages
+def _session_on(path: Path, source: str | bytes, options: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return ort.InferenceSession(source, options, providers=providers)
+    except Exception as exc:  # ORT raises its own unexported exception types
+        raise ModelUnavailable(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
 
 
 # What ORT's log lines wrap around their message: a colour, a timestamp and a
@@ -268,8 +390,9 @@ def decline_reason(ort_messages: list[str]) -> str | None:
 
 def warm_up(model: ModelSession) -> None:
     """One run on dummy input so that the first real job does not pay for
-    lazy initialisation (memory arenas, cuDNN algorithm search)."""
-    model.run(None, warmup_feed(model))
+    lazy initialisation (memory arenas, cuDNN algorithm search), and so that a
+    GPU that cannot run the model says so before any job."""
+    model.run(None, warmup_feed(model), stage="warming up")
 
 
 def warmup_feed(model: ModelSession) -> dict[str, np.ndarray]:

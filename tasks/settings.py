@@ -23,6 +23,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # socket_keepalive option that tasks/app.py sets.
 REDIS_SCHEMES = ("redis", "rediss")
 DEVICES = ("auto", "cuda", "cpu")
+CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
 def _default_models_dir() -> Path:
@@ -47,6 +48,10 @@ def _parse_bool(text: str) -> bool:
 def _parse_gpu_ids(text: str) -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     return tuple(int(p) for p in parts)
+
+
+def _parse_names(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def _parse_optional_float(text: str) -> float | None:
@@ -116,6 +121,20 @@ class Settings:
     models_dir: Path = field(default_factory=_default_models_dir)
     device: str = "auto"
     gpu_ids: tuple[int, ...] = (0,)
+    # Models kept on the CPU whatever IDENT_DEVICE says, by catalog key or role.
+    # Silero VAD is tiny and runs one 32 ms window after another: on a GPU each
+    # window would pay a launch and two copies, and take GPU memory besides.
+    cpu_models: tuple[str, ...] = ("silero_vad",)
+    # The CUDA memory arena of each session may grow to this many MiB; 0 = the
+    # catalog's per-model limit (sized for a 2 GiB card, docs/gpu.md).
+    gpu_mem_limit_mb: int = 0
+    # cuDNN's convolution algorithm search: HEURISTIC asks cuDNN for its best
+    # guess (fast start, little workspace); EXHAUSTIVE times every algorithm on
+    # the first run of each shape and may allocate large workspaces.
+    cudnn_conv_algo_search: str = "HEURISTIC"
+    # TF32 matmuls on Ampere and newer: faster, but embeddings then differ from
+    # the CPU's beyond float32 rounding; off keeps CUDA and CPU results interchangeable.
+    cuda_tf32: bool = False
     # ONNX Runtime intra-op threads per session; 0 sizes them from the cores
     # and the pool's concurrency so the pool never oversubscribes the CPU.
     cpu_threads: int = 0
@@ -178,6 +197,10 @@ class Settings:
             "device": lambda v: v.strip().lower(),
             "gpu_ids": _parse_gpu_ids,
             "cpu_threads": int,
+            "cpu_models": _parse_names,
+            "gpu_mem_limit_mb": int,
+            "cudnn_conv_algo_search": lambda v: v.strip().upper(),
+            "cuda_tf32": _parse_bool,
             "face_detection_model": str,
             "face_embedding_model": str,
             "speaker_model": str,
@@ -243,7 +266,12 @@ class Settings:
                      "det_top_k"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{env_name(name)} must be at least 1")
-        for name in ("cpu_threads", "payload_ref_bytes", "max_wait_ms"):
+        if self.cudnn_conv_algo_search not in CONV_ALGO_SEARCHES:
+            raise ConfigurationError(
+                f"IDENT_CUDNN_CONV_ALGO_SEARCH={self.cudnn_conv_algo_search!r} is not valid: use one of "
+                f"{', '.join(CONV_ALGO_SEARCHES)}"
+            )
+        for name in ("cpu_threads", "payload_ref_bytes", "max_wait_ms", "gpu_mem_limit_mb"):
             if not getattr(self, name) >= 0:
                 raise ConfigurationError(f"{env_name(name)} must be 0 or more")
         # A batch waits this long for its first job's company: longer than a job

@@ -49,7 +49,7 @@ from tasks.contract import (
     PAYLOAD_KEY_PREFIX,
     PAYLOAD_REF_FIELD,
 )
-from tasks.errors import DeviceUnavailable, IdentError, InvalidInput, LimitExceeded, PoisonMessage
+from tasks.errors import ConfigurationError, DeviceUnavailable, IdentError, InvalidInput, LimitExceeded, ModelUnavailable, PoisonMessage
 from tasks.settings import Settings, load_settings
 from workers import logsafety
 from workers.jobkeys import (
@@ -100,16 +100,22 @@ class WorkerRuntime:
         self.process_index = process_index
         self.device_id = gpu_for_process(settings.gpu_ids, process_index)
         started = time.perf_counter()
-        plan = plan_device(settings.device, self.device_id)
+        plan = plan_device(settings.device, self.device_id, conv_algo_search=settings.cudnn_conv_algo_search,
+                           tf32=settings.cuda_tf32)
         threads = cpu_threads_per_session(settings.cpu_threads, pool_processes)
         self.specs = selected_models(settings, kind)
         self.sessions = {
-            role: open_session(spec, settings.models_dir, plan, threads) for role, spec in self.specs.items()
+            role: open_session(spec, settings.models_dir,
+                               plan.for_model(spec, settings.cpu_models, settings.gpu_mem_limit_mb, settings.max_batch),
+                               threads)
+            for role, spec in self.specs.items()
         }
         if settings.device == "cuda":
-            on_cpu = [s.spec.key for s in self.sessions.values() if s.device != "CUDA"]
+            on_cpu = [s.spec.key for s in self.sessions.values() if s.device != "CUDA" and s.reason_code != "cpu_models"]
             if on_cpu:
                 raise DeviceUnavailable(f"IDENT_DEVICE=cuda but {', '.join(on_cpu)} run on CPU: {self.message()}")
+        for session in self.sessions.values():
+            session.on_device_change = lambda: self.publish_status(force=True)
         self.pipeline = _pipeline_factories[kind](self.sessions, self.specs, settings)
         self.load_ms = round((time.perf_counter() - started) * 1000.0, 1)
         self.jobs = 0
@@ -539,11 +545,16 @@ def _on_worker_setup(sender, instance, conf, **kwargs) -> None:
 
 def _preflight(kind: str, settings: Settings) -> None:
     """Refuse to start a worker that cannot serve, with the reason."""
-    from models.catalog import selected_models
+    from models.catalog import CATALOG, selected_models
     from models.runtime import checked_model_file
 
     for spec in selected_models(settings, kind).values():
         checked_model_file(spec, settings.models_dir)
+    known = set(CATALOG) | {spec.role for spec in CATALOG.values()}
+    unknown = [name for name in settings.cpu_models if name not in known]
+    if unknown:
+        raise ConfigurationError(f"IDENT_CPU_MODELS names {', '.join(unknown)}, which is no catalog model or role; "
+                                 f"use catalog keys or roles such as silero_vad, vad, spoof")
     if settings.device == "cuda":
         # Probed in a throw-away process: initialising CUDA in the parent
         # before the pool forks would break CUDA in every child.
@@ -569,12 +580,15 @@ def _on_process_init(**kwargs) -> None:
         return
     try:
         runtime = current_runtime()
-    except IdentError as exc:
+    except Exception as exc:  # noqa: BLE001 -- any of them leaves this process without models
+        if not isinstance(exc, IdentError):
+            log.error("loading the %s models failed", _identity.kind, exc_info=True)
         # Celery would log this and let the process take jobs that can only
         # fail. The pre-start checks catch most causes; this is what they cannot
-        # see (a model ONNX Runtime cannot load, a GPU that refuses one).
-        _load_failure = exc
-        _stop_the_worker(exc)
+        # see (a model ONNX Runtime cannot load, a GPU that refuses one, a bug).
+        _load_failure = exc if isinstance(exc, IdentError) else ModelUnavailable(
+            f"loading the models failed with {type(exc).__name__}: {exc}")
+        _stop_the_worker(_load_failure)
         return
     # Everything alive now (modules, sessions, the pipeline) lives as long as
     # the process: moved out of the collector's sight, a full collection

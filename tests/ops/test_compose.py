@@ -244,7 +244,10 @@ def test_dockerfile_runs_as_non_root_and_mounts_models():
     text = (REPO_ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM \S+", text, re.M)
     assert re.search(r"^USER (?!root|0\b)\S+", text, re.M)
-    assert 'pip install -c /tmp/constraints.txt "/src[worker]" "${ORT_GPU_SPEC}"' in text
+    # The line's pinned onnxruntime-gpu and NVIDIA libraries, under that line's constraints.
+    assert re.search(r"^ARG CUDA_LINE=cuda13$", text, re.M)
+    assert 'python -m models.cuda_builds line "${CUDA_LINE}" --json' in text
+    assert 'pip install -c "/src/${constraints}" "/src[worker]" -r /tmp/packages.txt' in text
     assert ".onnx" not in "".join(l for l in text.splitlines() if l.startswith(("COPY", "ADD")))
     assert "*.onnx" in (REPO_ROOT / ".dockerignore").read_text()
 

@@ -348,7 +348,10 @@ def test_mx230_laptop_with_a_cuda13_build_is_blocked_by_pascal():
     assert versions.status == FAIL
     assert "GPU 0 NVIDIA GeForce MX230 is sm_61 (Pascal)" in versions.detail
     assert "CUDA 13 dropped Maxwell, Pascal and Volta" in versions.detail
-    assert "pip install 'onnxruntime-gpu[cuda,cudnn]<1.27'" in versions.fix
+    # The set-up command that installs the CUDA 12 line, with the cuDNN that still has Pascal
+    # (a bare `pip install 'onnxruntime-gpu[cuda,cudnn]<1.27'` pulls a cuDNN without it).
+    assert "scripts/setup.sh --cuda 12" in versions.fix and "onnxruntime-gpu[cuda,cudnn]==1.26.0" in versions.fix
+    assert "nvidia-cudnn-cu12==9.10" in versions.fix
     # Everything else loads: the lead's explanation finds nothing, the doctor does.
     assert checks["CUDA execution provider"].status == OK
     assert checks["CUDA/cuDNN libraries"].status == OK
@@ -453,7 +456,7 @@ def test_old_driver_for_a_cuda13_build():
     check = {c.name: c for c in report.checks}["CUDA versions (build / driver / GPU)"]
     assert check.status == FAIL
     assert "built for CUDA 13.0 but the driver 535.183.01 supports CUDA up to 12.2" in check.detail
-    assert "branch 580" in check.fix and "onnxruntime-gpu[cuda,cudnn]<1.27" in check.fix
+    assert "branch 580" in check.fix and "scripts/setup.sh --cuda 12" in check.fix
     # models.cuda's explanation says the same, and it leads the verdict.
     assert "driver supports CUDA 12.2" in report.verdict
 

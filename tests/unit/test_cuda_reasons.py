@@ -127,7 +127,8 @@ def test_auto_falls_back_and_cpu_needs_no_probe():
     assert plan.providers == [CPU_EP] and "libcuda.so.1" in plan.cpu_reason
     assert plan_device("cpu", 0).providers == [CPU_EP]
     cuda_plan = plan_device("auto", 0, healthy())
-    assert cuda_plan.providers[0] == (CUDA_EP, {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"})
+    assert cuda_plan.providers[0] == (CUDA_EP, {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC",
+                                                "arena_extend_strategy": "kSameAsRequested", "use_tf32": "0"})
 
 
 
