@@ -265,7 +265,7 @@ def _baseline_start(index: int) -> int:
 
     from models.catalog import settings_selecting
     from tasks.settings import load_settings
-    from workers.bootstrap import WorkerRuntime
+    from workers.runtime import WorkerRuntime
 
     kind, threads, models, barrier = _baseline_start_args
     try:
@@ -275,7 +275,7 @@ def _baseline_start(index: int) -> int:
     except BaseException:
         barrier.abort()
         raise
-    # As a worker's pool process does after loading (workers/bootstrap.py).
+    # As a worker's pool process does after loading (workers/wiring.py).
     gc.collect()
     gc.freeze()
     barrier.wait()

@@ -27,6 +27,15 @@ class FleetError(IdentError):
     """The local fleet could not be started; the message says which part and why."""
 
 
+def make_client():
+    """A producer client on a Redis that answers; ident.cli.main() turns a refusal into a plain message."""
+    from tasks.client import IdentClient
+
+    client = IdentClient()
+    client.app.backend.client.ping()
+    return client
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -47,7 +47,7 @@ KINDS = {"vision": ("images", (".jpg", ".jpeg", ".png")), "audio": ("audio", (".
 def runtime(kind: str, **ident) -> object:
     import workers.audio  # noqa: F401 -- registers the pipelines
     import workers.vision  # noqa: F401
-    from workers.bootstrap import WorkerRuntime
+    from workers.runtime import WorkerRuntime
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDENT_")}
     env.update({f"IDENT_{k.upper()}": str(v) for k, v in ident.items()})

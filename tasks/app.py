@@ -10,10 +10,6 @@ from kombu import Queue
 
 from tasks.contract import AUDIO_QUEUE, QUEUES, VISION_QUEUE
 from tasks.settings import Settings, load_settings
-from tasks.transport import install as install_redis_transport
-
-# kombu's Redis transport minus a client object built per command (see tasks/transport.py).
-install_redis_transport()
 
 
 def celery_config(settings: Settings) -> dict:
@@ -32,7 +28,7 @@ def celery_config(settings: Settings) -> dict:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         # Each pool process has its next job waiting in its pipe (see
-        # IDENT_PREFETCH_MULTIPLIER, workers/prefork.py); workers batching jobs
+        # IDENT_PREFETCH_MULTIPLIER, workers/celery_internals.py); workers batching jobs
         # hold a batch each.
         "worker_prefetch_multiplier": settings.prefetch_multiplier,
         "task_queues": tuple(Queue(name, routing_key=name) for name in QUEUES),
@@ -57,7 +53,7 @@ def celery_config(settings: Settings) -> dict:
             # expires early cannot hand a job out twice.
             "unacked_mutex_expire": 30,
             # One list per queue, so that a worker takes each job with an atomic
-            # move into a hand-over list (tasks/transport.py): none is lost if it dies.
+            # move into a hand-over list (workers/kombu_internals.py): none is lost if it dies.
             "priority_steps": [0],
         },
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},

@@ -27,9 +27,8 @@ class IdentClient:
         if not isinstance(payload, (bytes, bytearray)) or len(payload) <= self.settings.payload_ref_bytes:
             return payload
         key = f"{contract.PAYLOAD_KEY_PREFIX}{uuid.uuid4().hex}"
-        # Long enough for every redelivery of the job; workers delete it once done.
-        ttl = self.settings.visibility_timeout * (self.settings.max_deliveries + 1)
-        self.app.backend.client.set(key, bytes(payload), ex=ttl)
+        # Workers delete it once the job is done.
+        self.app.backend.client.set(key, bytes(payload), ex=self.settings.payload_lifetime_s())
         return {contract.PAYLOAD_REF_FIELD: key}
 
     def _send(self, name: str, *args) -> AsyncResult:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
+from functools import cache
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, get_type_hints
 from urllib.parse import urlsplit
 
 from tasks.errors import ConfigurationError
@@ -71,6 +72,28 @@ def _parse_path(text: str) -> Path:
         raise ValueError(f"{user} names no user with a home directory here: give an absolute path") from None
 
 
+# How an environment variable's text becomes a field of each declared type. A
+# field whose parsing is not its type's says so with field(metadata={"parse": ...}).
+_PARSERS: dict[object, Callable[[str], object]] = {
+    int: int, float: float, bool: _parse_bool, str: str, Path: _parse_path,
+    tuple[int, ...]: _parse_gpu_ids, tuple[str, ...]: _parse_names, float | None: _parse_optional_float,
+}
+
+
+def _parser_for(f: Field, annotation: object) -> Callable[[str], object]:
+    parse = f.metadata.get("parse") or _PARSERS.get(annotation)
+    if parse is None:
+        raise TypeError(f"settings field {f.name!r} is declared {annotation!r}, which no parser reads: "
+                        "add the type to _PARSERS or give the field metadata={'parse': ...}")
+    return parse
+
+
+@cache
+def _field_parsers(cls: type) -> dict[str, Callable[[str], object]]:
+    hints = get_type_hints(cls)
+    return {f.name: _parser_for(f, hints[f.name]) for f in fields(cls)}
+
+
 def redacted_url(url: str) -> str:
     """``url`` with everything between ``//`` and its last ``@`` replaced by ``**``, for messages.
 
@@ -107,7 +130,7 @@ class Settings:
     """The fleet's configuration. Build it with :meth:`from_env`."""
 
     # Broker and result backend share one Redis.
-    redis_url: str = DEFAULT_REDIS_URL
+    redis_url: str = field(default=DEFAULT_REDIS_URL, metadata={"parse": _parse_redis_url})
     # CA bundle that signs the Redis server's certificate, for rediss:// URLs
     # (empty: the system's trust store).
     redis_tls_ca_certs: str = ""
@@ -119,7 +142,7 @@ class Settings:
     # run twice; a shorter value hands a dead worker's jobs over sooner.
     visibility_timeout: int = 600
     models_dir: Path = field(default_factory=_default_models_dir)
-    device: str = "auto"
+    device: str = field(default="auto", metadata={"parse": lambda v: v.strip().lower()})
     gpu_ids: tuple[int, ...] = (0,)
     # Models kept on the CPU whatever IDENT_DEVICE says, by catalog key or role.
     # Silero VAD is tiny and runs one 32 ms window after another: on a GPU each
@@ -131,7 +154,7 @@ class Settings:
     # cuDNN's convolution algorithm search: HEURISTIC asks cuDNN for its best
     # guess (fast start, little workspace); EXHAUSTIVE times every algorithm on
     # the first run of each shape and may allocate large workspaces.
-    cudnn_conv_algo_search: str = "HEURISTIC"
+    cudnn_conv_algo_search: str = field(default="HEURISTIC", metadata={"parse": lambda v: v.strip().upper()})
     # TF32 matmuls on Ampere and newer: faster, but embeddings then differ from
     # the CPU's beyond float32 rounding; off keeps CUDA and CPU results interchangeable.
     cuda_tf32: bool = False
@@ -168,7 +191,7 @@ class Settings:
     # again in the broker's unacknowledged-message copy.
     payload_ref_bytes: int = 32 * 1024
     # Jobs a worker holds per pool process. At 2 each process's next job is
-    # already in its pipe when it finishes one (workers/prefork.py), instead of
+    # already in its pipe when it finishes one (workers/celery_internals.py), instead of
     # being fetched from Redis and handed over then: queue overhead 3.8-4.5 ->
     # 1.3-1.7 ms in paired runs (docs/benchmarks.md). A held job waits for the
     # job ahead of it in the same process.
@@ -188,46 +211,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
-        parsers = {
-            "redis_url": _parse_redis_url,
-            "redis_tls_ca_certs": str,
-            "result_expires": int,
-            "visibility_timeout": int,
-            "models_dir": _parse_path,
-            "device": lambda v: v.strip().lower(),
-            "gpu_ids": _parse_gpu_ids,
-            "cpu_threads": int,
-            "cpu_models": _parse_names,
-            "gpu_mem_limit_mb": int,
-            "cudnn_conv_algo_search": lambda v: v.strip().upper(),
-            "cuda_tf32": _parse_bool,
-            "face_detection_model": str,
-            "face_embedding_model": str,
-            "speaker_model": str,
-            "spoof_model": str,
-            "liveness_ensemble": _parse_bool,
-            "max_payload_bytes": int,
-            "max_pixels": int,
-            "max_audio_seconds": float,
-            "max_faces": int,
-            "task_soft_time_limit": int,
-            "task_time_limit": int,
-            "max_deliveries": int,
-            "det_score_threshold": float,
-            "det_nms_iou": float,
-            "det_top_k": int,
-            "face_match_threshold": _parse_optional_float,
-            "speaker_match_threshold": _parse_optional_float,
-            "spoof_threshold": _parse_optional_float,
-            "liveness_threshold": float,
-            "payload_ref_bytes": int,
-            "prefetch_multiplier": int,
-            "max_batch": int,
-            "max_wait_ms": float,
-            "process_init_timeout": float,
-            "data_dir": _parse_path,
-            "flower_auth": str,
-        }
+        parsers = _field_parsers(cls)
         values = {}
         for f in fields(cls):
             name = env_name(f.name)
@@ -297,6 +281,15 @@ class Settings:
                 raise ConfigurationError(f"{env_name(name)}={value} is not valid: it must be {span}")
 
 
+    def payload_lifetime_s(self) -> int:
+        """How long a job's payload and delivery counter stay in Redis: through every delivery it may get.
+
+        A delivery may wait up to the visibility timeout before it is handed
+        out again and then run up to the hard time limit; workers delete both
+        keys once the job is done, so this only bounds what a lost job leaves.
+        """
+        return max(self.visibility_timeout, self.task_time_limit) * (self.max_deliveries + 1)
+
     def warnings(self) -> list[str]:
         """Settings that work but that an operator should hear about."""
         found = []
@@ -321,3 +314,6 @@ def env_name(field_name: str) -> str:
 
 def load_settings() -> Settings:
     return Settings.from_env()
+
+
+_field_parsers(Settings)  # an annotation that no parser reads fails here, at import

@@ -18,7 +18,6 @@ for its batch is not run.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -26,18 +25,22 @@ from dataclasses import dataclass
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from celery import signals
 from celery.exceptions import Reject
-from celery.utils.imports import symbol_by_name
-from celery.worker.request import create_request_cls
-from celery.worker.state import task_accepted, task_ready, task_reserved
-from celery.worker.strategy import default as default_strategy
 
-from workers.bootstrap import current_runtime, forget_unstored, release_unstored
+from tasks.settings import load_settings
+from workers import celery_internals
+from workers.celery_internals import release_unstored
+from workers.job_input import forget_unstored
+from workers.runtime import PROCESS, current_runtime
 
 log = logging.getLogger(__name__)
 
-BATCH_STRATEGY = "workers.batching:batching_strategy"
 # Failures of a batch as a whole that one of its jobs alone may have caused.
 ALONE_AFTER = (WorkerLostError, SoftTimeLimitExceeded, TimeLimitExceeded)
+
+
+def analyze_strategy() -> str:
+    """The Celery strategy for ``*.analyze``: batching when IDENT_MAX_BATCH > 1."""
+    return f"{__name__}:batching_strategy" if load_settings().max_batch > 1 else "celery.worker.strategy:default"
 
 
 @dataclass
@@ -51,18 +54,16 @@ class BatchItem:
 
 def batching_strategy(task, app, consumer, **kwargs):
     """A Celery task strategy that buffers requests and flushes them as one pool job."""
-    from tasks.settings import load_settings
-
     settings = load_settings()
     max_batch = settings.max_batch
     max_wait_s = settings.max_wait_ms / 1000.0
     hostname = consumer.hostname
     eventer = consumer.event_dispatcher
     revoked_tasks = consumer.controller.state.revoked
-    Request = create_request_cls(symbol_by_name(task.Request), task, consumer.pool, hostname, eventer, app=app)
+    Request = celery_internals.request_class(task, app, consumer)
     # A job sent with a countdown or an ETA waits on Celery's timer and then
     # runs alone, as it would without batching.
-    one_at_a_time = default_strategy(task, app, consumer, **kwargs)
+    one_at_a_time = celery_internals.one_at_a_time(task, app, consumer, **kwargs)
     buffer: list = []
     timer_entry = [None]
 
@@ -78,16 +79,16 @@ def batching_strategy(task, app, consumer, **kwargs):
 
     def dispatch(requests: list) -> bool:
         """Hand ``requests`` to the pool as one job; False when the pool is shutting down."""
-        items = [BatchItem(r.id, tuple(r._payload[0]), dict(r._payload[1])) for r in requests]
+        items = [BatchItem(r.id, tuple(r.args), dict(r.kwargs)) for r in requests]
 
         def on_accepted(pid, time_accepted):
             for request in requests:
-                task_accepted(request)
+                celery_internals.accepted(request)
 
         def on_done(_result):
             for request in requests:
                 request.acknowledge()
-                task_ready(request)
+                celery_internals.ready(request)
 
         def on_error(exc_info):
             # billiard hands over an ExceptionInfo or an ExceptionWithTraceback.
@@ -101,7 +102,7 @@ def batching_strategy(task, app, consumer, **kwargs):
                 for request in requests:
                     if not dispatch([request]):
                         request.reject(requeue=True)
-                        task_ready(request)
+                        celery_internals.ready(request)
                 return
             if isinstance(exception, (WorkerLostError, Reject)):
                 # The pool process died or was killed, or could not load its
@@ -110,14 +111,14 @@ def batching_strategy(task, app, consumer, **kwargs):
                 log.warning("%d %s job(s) lost their pool process; requeueing them", len(requests), task.name)
                 for request in requests:
                     request.reject(requeue=True)
-                    task_ready(request)
+                    celery_internals.ready(request)
                 return
             log.error("%d %s job(s) failed: %s", len(requests), task.name, type(exception).__name__)
             for request in requests:
                 request.release_keys()
                 task.backend.mark_as_failure(request.id, exception)
                 request.acknowledge()
-                task_ready(request)
+                celery_internals.ready(request)
 
         return consumer.pool.apply_async(
             run_batch,
@@ -140,7 +141,7 @@ def batching_strategy(task, app, consumer, **kwargs):
         if (request.expires or request.id in revoked_tasks) and request.revoked():
             return
         signals.task_received.send(sender=consumer, request=request)
-        task_reserved(request)
+        celery_internals.reserved(request)
         buffer.append(request)
         if len(buffer) >= max_batch:
             flush()
@@ -152,9 +153,7 @@ def batching_strategy(task, app, consumer, **kwargs):
 
 def run_batch(task_name: str, items: list[BatchItem]) -> int:
     """In a pool process: run the jobs of one batch and store each job's result."""
-    kind = task_name.split(".", 1)[0]
-    app = importlib.import_module(f"workers.{kind}").app
-    task = app.tasks[task_name]
+    task = PROCESS.app.tasks[task_name]
     started = time.perf_counter()
     try:
         outcomes = task.run_many(items)

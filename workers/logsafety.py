@@ -5,14 +5,16 @@ array may reach a log at any level, nor an event (what Flower shows). What
 stands in the way by default, and what is done about it:
 
 * Celery logs every task's return value on success (embeddings included):
-  the success line is shortened.
+  the filter below drops it from the success line.
 * The result's repr also rides on the ``task-succeeded`` event: the tracer's
-  ``saferepr`` is given redacted results (sizes instead of arrays).
+  ``saferepr`` is given redacted results (sizes instead of arrays; installed
+  by workers/celery_internals.py).
 * A producer that does not set ``argsrepr`` (plain ``send_task``) gets one
   made by Celery from the arguments: a repr of the payload, which the worker
   logs, sends in ``task-received`` events and answers to ``inspect``. The
   worker rebuilds ``argsrepr`` and ``kwargsrepr`` from the arguments,
-  redacted (:class:`SafeRequest`, the request class of every fleet task).
+  redacted (``SafeRequest`` in workers/celery_internals.py, the request class
+  of every fleet task).
 * Debug and error logs print message headers and bodies (``TaskPool: Apply``,
   undecodable or unknown messages): a filter on every handler replaces bytes,
   long numeric sequences and text that holds a bytes literal or a long base64
@@ -25,13 +27,7 @@ import logging
 import re
 from collections.abc import Mapping
 
-from celery.app import trace
 from celery.utils.saferepr import saferepr
-from celery.worker import request as worker_request
-from celery.worker.request import Request
-
-# Celery's default success line ends in ": %(return_value)s".
-trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 
 _MAX_NUMBERS = 16
 # Arguments shown in argsrepr: longer text is a base64 payload.
@@ -91,35 +87,17 @@ def scrub(text: str) -> str:
 
 def redact_arguments(args) -> tuple:
     """A task's positional arguments for display: payloads become sizes."""
-    return tuple(_redact_argument(value) for value in (args or ()))
+    return tuple(redact_argument(value) for value in (args or ()))
 
 
-def _redact_argument(value):
+def redact_argument(value):
     if isinstance(value, str) and len(value) > _MAX_ARGUMENT_TEXT:
         return f"<{len(value)} characters>"
     if isinstance(value, Mapping):
-        return {key: _redact_argument(item) for key, item in value.items()}
+        return {key: redact_argument(item) for key, item in value.items()}
     return redact(value)
 
 
-class SafeRequest(Request):
-    """The worker's view of a job, with argsrepr/kwargsrepr rebuilt from the redacted arguments.
-
-    The producer's argsrepr is not trusted to be safe: Celery fills it with a
-    repr of the payload when the producer does not set it. The rebuilt reprs
-    are what the worker logs, sends in events, answers to ``inspect`` and
-    hands to the pool process.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        try:
-            argsrepr = saferepr(redact_arguments(self.args), 512)
-            kwargsrepr = saferepr({key: _redact_argument(v) for key, v in (self.kwargs or {}).items()}, 512)
-        except Exception:  # noqa: BLE001 -- malformed arguments: the task itself will say so
-            argsrepr = kwargsrepr = "<not shown>"
-        self._argsrepr = self._request_dict["argsrepr"] = argsrepr
-        self._kwargsrepr = self._request_dict["kwargsrepr"] = kwargsrepr
 
 
 _SCALARS = (str, int, float, type(None))
@@ -138,7 +116,7 @@ def _nests_plainly(value, levels: int) -> bool:
     return False
 
 
-def _redacted_saferepr(value, maxlen=None, maxlevels=3, seen=None):
+def redacted_saferepr(value, maxlen=None, maxlevels=3, seen=None):
     redacted = redact(value)
     # Celery's saferepr writes its text token by token: 0.2 ms of a pool
     # process's CPU for every vision result. For a redacted result (a small
@@ -151,15 +129,18 @@ def _redacted_saferepr(value, maxlen=None, maxlevels=3, seen=None):
     return saferepr(redacted, maxlen, maxlevels, seen)
 
 
-# The tracer's repr of a task's return value (the task-succeeded event, and the
-# success log line before it was shortened) and the request's own, for a job
-# whose process died after storing its result.
-trace.saferepr = _redacted_saferepr
-worker_request.saferepr = _redacted_saferepr
+
+
+# Celery's success line, "Task %(name)s[%(id)s] succeeded in %(runtime)ss: %(return_value)s",
+# without the return value.
+SUCCESS_LINE = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 
 
 class RedactBiometrics(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, Mapping) and "return_value" in record.args and "%(return_value)" in str(record.msg):
+            record.msg = SUCCESS_LINE
+            record.args = {key: value for key, value in record.args.items() if key != "return_value"}
         if record.args:
             if isinstance(record.args, Mapping):
                 record.args = {key: redact(value) for key, value in record.args.items()}

@@ -1,4 +1,4 @@
-"""No job lost between Redis and a worker (tasks/transport.py).
+"""No job lost between Redis and a worker (workers/kombu_internals.py).
 
 kombu takes a job with BRPOP and records it as unacknowledged only in a
 second command: a worker killed in between lost the job for good. These tests

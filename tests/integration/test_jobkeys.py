@@ -8,7 +8,8 @@ import pytest
 import redis
 from celery import Celery
 
-from workers.jobkeys import RESULT_BACKEND, FleetResultBackend, count_and_fetch, fetch_payloads
+from workers.celery_internals import RESULT_BACKEND, FleetResultBackend
+from workers.jobkeys import count_and_fetch, fetch_payloads
 
 
 @pytest.fixture

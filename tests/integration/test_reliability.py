@@ -14,7 +14,7 @@ Each scenario kills real processes the way production loses them:
   reconnect, jobs queued before the restart are answered after it (all but,
   at most, the one Redis was handing over as it stopped);
 * a job waiting in a pool process's pipe (the default prefetch, see
-  workers/prefork.py) is run once, whether its worker is stopped with SIGTERM
+  workers/celery_internals.py) is run once, whether its worker is stopped with SIGTERM
   or its process is SIGKILLed.
 """
 

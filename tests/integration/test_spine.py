@@ -62,11 +62,11 @@ def test_model_status_lists_every_pool_process(fleet, client):
 
 
 def test_workers_run_the_fleets_prefork_pool(fleet, client):
-    """Started as operators start them (no -P), workers use workers/prefork.py."""
+    """Started as operators start them (no -P), workers use the pool of workers/celery_internals.py."""
     stats = client.app.control.inspect(destination=["vision-a@itest", "audio-a@itest"], timeout=3).stats()
     assert set(stats) == {"vision-a@itest", "audio-a@itest"}
     for body in stats.values():
-        assert body["pool"]["implementation"] == "workers.prefork:TaskPool"
+        assert body["pool"]["implementation"] == "workers.celery_internals:TaskPool"
 
 
 def test_inspect_command_line_works(fleet, fleet_env):

@@ -1,4 +1,4 @@
-"""tasks.transport against a real redis-server: kombu's Redis transport with one client per channel."""
+"""workers.kombu_internals against a real redis-server: kombu's Redis transport with one client per channel."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from kombu import Connection, Exchange, Queue
 
 from kombu.transport.redis import Transport as StockTransport
 
-from tasks.transport import Transport
+from workers.kombu_internals import Transport
 
 
 @pytest.fixture

@@ -162,9 +162,11 @@ def test_worker_commands_and_wiring(path, example_env):
     for kind in ("vision", "audio"):
         worker = services[f"{kind}-worker"]
         concurrency = f"IDENT_{kind.upper()}_CONCURRENCY"
+        # On a GPU, one pool process per worker: both workers then fit a 2 GiB card (docs/gpu.md).
+        default = 1 if path.name == "compose.gpu.yml" else 2
         assert (
             worker["command"]
-            == f"celery -A workers.{kind} worker -Q {kind} -c ${{{concurrency}:-2}} -E --loglevel=INFO"
+            == f"celery -A workers.{kind} worker -Q {kind} -c ${{{concurrency}:-{default}}} -E --loglevel=INFO"
         )
         assert worker["depends_on"] == {"redis": {"condition": "service_healthy"}}
         env = worker["environment"]

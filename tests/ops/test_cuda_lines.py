@@ -189,3 +189,16 @@ def test_the_doctor_never_sends_a_maxwell_5_0_owner_to_1_26(tmp_path):
     assert "1.26" not in json.dumps(report) and "--cuda 12" not in json.dumps(report)
     maxwell = {c["name"]: c for c in doctor(tmp_path, "gtx970m")["checks"]}["CUDA versions (build / driver / GPU)"]
     assert "scripts/setup.sh --cuda 12" in maxwell["fix"] and "onnxruntime-gpu==1.20.2" in maxwell["fix"]
+
+
+def test_compose_gpu_defaults_fit_a_2_gib_card():
+    from ident.doctor import gpu_memory_estimate
+    from tasks.settings import Settings
+    from tests.ops.test_compose import REPO_ROOT, raw
+
+    services = raw(REPO_ROOT / "compose.gpu.yml")["services"]
+    processes = {kind: int(re.search(r"-c \$\{\w+:-(\d+)\}", services[f"{kind}-worker"]["command"]).group(1))
+                 for kind in ("vision", "audio")}
+    cpu_models = re.search(r"\$\{IDENT_CPU_MODELS-(\w*)\}", services["vision-worker"]["environment"]["IDENT_CPU_MODELS"])
+    settings = Settings.from_env({"IDENT_CPU_MODELS": cpu_models.group(1)})
+    assert gpu_memory_estimate(settings, processes)["total_mib"] <= 2048 * 0.9

@@ -811,7 +811,7 @@ def test_internal_error_is_exit_code_2(tmp_path, monkeypatch):
     def broken(probes):
         raise RuntimeError("a probe bug")
 
-    monkeypatch.setattr(doctor, "CHECKS", (broken,))
+    monkeypatch.setattr(doctor.checks, "CHECKS", (broken,))
     path = tmp_path / "h100.json"
     path.write_text(json.dumps(h100_host()))
     assert doctor.main(["--from-probes", str(path)]) == 2

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ident import cli
+from ident import cli, local_fleet
 from ident.fleet import WorkerProcess
 from tests.conftest import REPO_ROOT
 
@@ -109,4 +109,4 @@ def test_a_fleet_process_that_ended_is_named_with_its_exit_code(tmp_path):
     finally:
         alive.kill()
         alive.wait()
-    assert cli.exit_status(3) == "exited with code 3"
+    assert local_fleet.exit_status(3) == "exited with code 3"

@@ -43,19 +43,27 @@ def test_tls_urls_verify_certificates():
     assert "broker_use_ssl" not in celery_config(Settings.from_env({})), "plain redis:// uses no TLS"
 
 
-def test_redis_urls_use_the_transport_that_reuses_its_client():
-    from kombu import Connection
-
-    from tasks.transport import Transport
+def test_worker_apps_use_the_transport_that_reuses_its_client_and_producers_stock_kombu():
+    from workers.kombu_internals import Transport
+    from workers.vision import build_pipeline
+    from workers.wiring import make_worker_app
 
     for url in ("redis://:secret@redis.example:6379/0", "rediss://redis.example:6380/0"):
-        connection = Connection(celery_config(Settings.from_env({"IDENT_REDIS_URL": url}))["broker_url"])
-        assert connection.transport_cls in ("redis", "rediss")
+        settings = Settings.from_env({"IDENT_REDIS_URL": url})
+        connection = make_worker_app("vision", build_pipeline, settings).connection_for_write()
         assert isinstance(connection.transport, Transport)
         # What logs and Flower's broker view show: the URL's own scheme, password masked.
         assert connection.as_uri().startswith(url.split("://")[0] + "://")
         assert "secret" not in connection.as_uri()
-    assert not isinstance(Connection("sentinel://redis.example:26379").transport, Transport)
+
+    # Importing the contract alone changes nothing in kombu: a producer's process keeps stock kombu.
+    code = (
+        "import kombu.transport as t, kombu.transport.redis as r; from tasks.app import make_app; "
+        "from tasks.settings import Settings; import tasks.client, tasks.contract, tasks.errors\n"
+        "assert t.TRANSPORT_ALIASES['redis'] == 'kombu.transport.redis:Transport'\n"
+        "assert type(make_app('p', Settings()).connection_for_write().transport) is r.Transport\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
 
 
 def test_a_prefetch_that_could_outlast_the_visibility_timeout_is_reported():
@@ -69,7 +77,7 @@ def test_a_prefetch_that_could_outlast_the_visibility_timeout_is_reported():
 
 def test_producer_side_imports_nothing_heavy():
     code = (
-        "import sys, tasks.client, tasks.app, tasks.contract, tasks.errors, tasks.settings, tasks.transport\n"
+        "import sys, tasks.client, tasks.app, tasks.contract, tasks.errors, tasks.settings\n"
         "import ident.cli  # the `ident` command comes with the producer's install\n"
         "heavy = [m for m in ('onnxruntime', 'cv2', 'numpy', 'soundfile') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

@@ -91,7 +91,7 @@ def test_driver_present_but_no_device():
 def test_strict_cuda_checks_every_gpu_a_process_may_get(monkeypatch):
     """IDENT_GPU_IDS=0,1 on a one-GPU host is refused before the worker starts, not by pool process 1."""
     import models.cuda
-    from workers.bootstrap import _cuda_reason
+    from workers.wiring import cuda_reason as _cuda_reason
 
     monkeypatch.setattr(models.cuda, "probe_cuda", lambda: healthy(device_count=1))
     assert _cuda_reason((0, 0)) is None

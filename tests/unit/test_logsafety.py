@@ -52,7 +52,7 @@ def test_argument_reprs_show_sizes():
 def test_the_tracers_result_repr_is_celerys_saferepr_of_the_redacted_result():
     from celery.utils.saferepr import saferepr
 
-    from workers.logsafety import _redacted_saferepr
+    from workers.logsafety import redacted_saferepr as _redacted_saferepr
 
     results = [
         {"faces": [{"embedding": [0.1] * 512, "box": [1, 2, 3, 4]}], "image": {"width": 640, "height": 427},

@@ -1,4 +1,4 @@
-"""The fleet's prefork pool (workers/prefork.py), on real forked processes without Redis.
+"""The fleet's prefork pool (workers/celery_internals.py), on real forked processes without Redis.
 
 A kombu event loop drives the pool as the worker's main process does; the
 jobs are plain functions that sleep, so which process holds what, and when,
@@ -15,7 +15,7 @@ import pytest
 from billiard.exceptions import WorkerLostError
 from kombu.asynchronous import Hub
 
-from workers.prefork import JobsPerProcess, QueueingAsynPool
+from workers.celery_internals import JobsPerProcess, QueueingAsynPool
 
 
 def nap(seconds: float) -> int:

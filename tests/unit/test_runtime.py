@@ -10,7 +10,7 @@ import pytest
 from models.catalog import CATALOG
 from models.runtime import CPU_EP, DevicePlan, cpu_threads_per_session, open_session, warmup_feed
 from tasks.errors import ModelUnavailable
-from workers.bootstrap import gpu_for_process
+from workers.runtime import gpu_for_process
 
 
 def test_pool_process_k_uses_gpu_k_mod_n():

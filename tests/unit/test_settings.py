@@ -1,11 +1,12 @@
 import re
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 
 from tasks.errors import ConfigurationError
-from tasks.settings import Settings, env_name
+from tasks.settings import Settings, _field_parsers, env_name
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -110,3 +111,53 @@ def test_the_readme_documents_every_variable_and_no_other():
     read = {env_name(f.name) for f in fields(Settings)}
     assert read - documented == set(), "read from the environment but not in the README's table"
     assert documented - read == set(), "in the README's table but read by nothing"
+
+
+def _as_text(value):
+    """The text an operator would write for ``value`` in an ``IDENT_*`` variable."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(str(item) for item in value)
+    if isinstance(value, (int, float, str, Path)):
+        return str(value)
+    raise AssertionError(f"no text form for {value!r}: teach _as_text the new field type")
+
+
+def test_every_field_is_parsed_from_the_environment_by_its_declared_type():
+    defaults = Settings.from_env({})
+    hints = get_type_hints(Settings)
+    for f in fields(Settings):
+        default = getattr(defaults, f.name)
+        parsed = getattr(Settings.from_env({env_name(f.name): _as_text(default)}), f.name)
+        assert parsed == default, f.name
+        assert type(parsed) is type(default), f.name
+        if hints[f.name] in (tuple[int, ...], tuple[str, ...]):
+            assert all(type(item) is hints[f.name].__args__[0] for item in parsed), f.name
+    # All at once, as a deployment's environment gives them.
+    assert Settings.from_env({env_name(f.name): _as_text(getattr(defaults, f.name)) for f in fields(Settings)}) == defaults
+
+
+def test_a_field_of_a_type_that_no_parser_reads_fails_loudly():
+    @dataclass(frozen=True)
+    class Odd:
+        ratio: complex = 0j
+
+    with pytest.raises(TypeError, match="'ratio' is declared <class 'complex'>"):
+        _field_parsers(Odd)
+
+
+@pytest.mark.parametrize(
+    "name, raw, reason",
+    [
+        ("IDENT_GPU_IDS", "0,x", "invalid literal for int() with base 10: 'x'"),
+        ("IDENT_CUDA_TF32", "maybe", "expected true/false, got 'maybe'"),
+        ("IDENT_SPOOF_THRESHOLD", "high", "could not convert string to float: 'high'"),
+    ],
+)
+def test_a_value_its_type_cannot_parse_names_the_variable(name, raw, reason):
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env({name: raw})
+    assert str(raised.value) == f"{name}={raw!r} is not valid: {reason}"

@@ -1,9 +1,9 @@
 """The vision worker: ``celery -A workers.vision worker -Q vision``."""
 
-from workers.bootstrap import make_worker_app, register_pipeline
+from workers.wiring import make_worker_app
 
 
-def _build_pipeline(sessions, specs, settings):
+def build_pipeline(sessions, specs, settings):
     import cv2
 
     from workers.vision.pipeline import VisionPipeline
@@ -17,7 +17,4 @@ def _build_pipeline(sessions, specs, settings):
     return VisionPipeline(sessions, specs, settings)
 
 
-register_pipeline("vision", _build_pipeline)
-app = make_worker_app("vision")
-
-from workers.vision import tasks  # noqa: E402,F401 -- registers the tasks on the app
+app = make_worker_app("vision", build_pipeline)

@@ -1,4 +1,13 @@
-"""kombu's Redis transport, with two changes: one Redis client per channel, and no job lost in the hand-over.
+"""Every use of kombu's internals, in one place: its Redis transport, with two changes.
+
+One Redis client per channel, and no job lost in the hand-over. Only worker
+processes use it: :func:`install`, called when a worker app is made
+(workers/wiring.py), makes it what ``redis://`` and ``rediss://`` mean in that
+process; producers that import the contract (tasks/) keep stock kombu.
+Celery's ``broker_transport`` setting would name the class without touching
+kombu's table, but the connection's URL then starts with the class's path
+instead of ``redis://``, and Flower's broker view, which reads the scheme,
+stops working.
 
 **One client per channel.** kombu 5.x builds a new ``redis.Redis`` object
 every time it publishes a job, records a job as unacknowledged or
@@ -25,9 +34,15 @@ Consumers of several queues, a ``global_keyprefix`` and Redis before 6.2
 (no ``BLMOVE``) keep kombu's ``BRPOP`` and its gap, with a warning that says why.
 
 The wire format and the keys in Redis are otherwise kombu's own: producers on
-stock kombu interoperate with these workers. :func:`install` makes it what
-``redis://`` and ``rediss://`` URLs mean in this process, so URLs, logs and
-Flower's broker view keep showing ``redis://``.
+stock kombu interoperate with these workers, and URLs, logs and Flower's broker
+view keep showing ``redis://``.
+
+kombu internals this relies on (tests/unit/test_library_internals.py checks
+each against the installed kombu): ``TRANSPORT_ALIASES`` and ``_transport_cache``,
+``Channel.conn_or_acquire``,
+``_create_client``, ``_brpop_start``/``_brpop_read``, ``_queue_cycle``,
+``_in_poll``, ``_flush_brpop_reauth``, ``connection._deliver``, and
+``QoS.append``/``restore_visible``/``pipe_or_acquire``/``_vrestore_count``.
 """
 
 from __future__ import annotations
@@ -241,7 +256,7 @@ class Transport(kombu_redis.Transport):
 
 
 def install() -> None:
-    """Resolve ``redis://`` and ``rediss://`` broker URLs to :class:`Transport` from now on."""
+    """Resolve ``redis://`` and ``rediss://`` broker URLs to :class:`Transport` in this process from now on."""
     for scheme in SCHEMES:
         kombu.transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
         # kombu caches each alias once resolved; a stale entry would keep the stock class.
