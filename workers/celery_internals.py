@@ -251,6 +251,7 @@ class FleetResultBackend(RedisBackend):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._delete_with_result: dict[bytes, tuple[str, ...]] = {}
+        self._store_script = None
 
     def delete_with_result(self, task_id: str, keys: list[str]) -> None:
         """Delete ``keys`` when the job's result is stored, whatever its state."""
@@ -274,7 +275,11 @@ class FleetResultBackend(RedisBackend):
         return result
 
     def _store_once(self, key: bytes, value, keys: tuple[str, ...]) -> None:
-        self.client.eval(STORE_RESULT, 1 + len(keys), key, *keys, value, int(self.expires or 0))
+        # By its SHA-1 (EVALSHA; redis-py loads it again after a Redis restart):
+        # Redis then neither receives nor hashes the script's text for every job.
+        if self._store_script is None:
+            self._store_script = self.client.register_script(STORE_RESULT)
+        self._store_script(keys=[key, *keys], args=[value, int(self.expires or 0)], client=self.client)
 
 
 def release_with_result(backend, task_id: str, keys: list[str]) -> bool:

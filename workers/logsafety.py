@@ -36,15 +36,24 @@ _MAX_ARGUMENT_TEXT = 64
 # inside a repr (but not the string 'b' of a dict key).
 _BYTES_LITERAL = re.compile(r"(?<![\w'\"])b['\"]")
 # A run of base64 characters long enough to carry 36 bytes of a payload.
-_BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{48,}")
+_BASE64_MIN = 48
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{%d,}" % _BASE64_MIN)
+_DIGIT = re.compile(r"[0-9]")
+
+
+_PLAIN_SCALARS = (int, float, bool, type(None))
 
 
 def redact(value):
     """A log-safe stand-in for ``value``: sizes instead of contents."""
+    kind = type(value)
+    # Exact types first: a result holds dozens of values, and ABC checks are slow.
+    if kind in _PLAIN_SCALARS:
+        return value
+    if kind is dict or isinstance(value, Mapping):
+        return {key: redact(item) for key, item in value.items()}
     if isinstance(value, (bytes, bytearray, memoryview)):
         return f"<{len(value)} bytes>"
-    if isinstance(value, Mapping):
-        return {key: redact(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         if len(value) > _MAX_NUMBERS or any(isinstance(v, (list, tuple, bytes, bytearray, Mapping)) for v in value):
             return f"<{type(value).__name__} of {len(value)} items>"
@@ -61,11 +70,13 @@ def redact(value):
 
 def holds_payload(text: str) -> bool:
     """Whether ``text`` shows raw bytes (a bytes literal) or a base64-encoded run of them."""
+    if len(text) < _BASE64_MIN and "b'" not in text and 'b"' not in text:
+        return False  # the common case, a short plain string, without a regex (every result holds dozens)
     if _BYTES_LITERAL.search(text):
         return True
     for run in _BASE64_RUN.findall(text):
         # Base64 of binary data mixes cases and digits; paths, words and hex digests do not.
-        if any(c.isupper() for c in run) and any(c.islower() for c in run) and any(c.isdigit() for c in run):
+        if run != run.lower() and run != run.upper() and _DIGIT.search(run):
             return True
     return False
 
