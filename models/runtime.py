@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from models.catalog import ModelSpec, gpu_memory_limit_mib
 from models.cuda import CPU_EP, CUDA_EP, CudaFacts, explain_cpu_fallback, probe_cuda
-from models.cuda_failures import CudaFailure, classify, explain, meaning
+from models.cuda_failures import CudaFailure, classify, explain, meaning, ort_words
 from models.rewrite import for_cpu
 from tasks.errors import DeviceUnavailable, ModelUnavailable
 
@@ -74,6 +74,14 @@ class DevicePlan:
         limit = gpu_mem_limit_mib or gpu_memory_limit_mib(spec, max_batch)
         options = {**self.providers[0][1], "gpu_mem_limit": limit * MIB}
         return replace(self, providers=[(CUDA_EP, options), CPU_EP])
+
+    def cuda_failed(self, failure: CudaFailure, model: str, stage: str) -> str:
+        """Why ``model`` leaves CUDA: ORT's words and what they mean here; DeviceUnavailable if strict."""
+        cc = self.facts.compute_capability(self.device_id) if self.facts and self.device_id is not None else None
+        reason = explain(failure, model, stage, ort.__version__, cc, self.gpu_mem_limit_mib)
+        if self.strict:
+            raise DeviceUnavailable(f"{reason}; IDENT_DEVICE=cuda forbids the CPU fallback (IDENT_DEVICE=auto allows it)")
+        return reason
 
     @property
     def gpu_mem_limit_mib(self) -> int | None:
@@ -215,15 +223,9 @@ class ModelSession:
         return outputs
 
     def _leave_cuda(self, failure: CudaFailure, stage: str) -> None:
-        plan = self._plan
-        facts = plan.facts if plan else None
-        cc = facts.compute_capability(self._device_id) if facts and self._device_id is not None else None
-        reason = explain(failure, self.spec.key, stage, ort.__version__, cc, plan.gpu_mem_limit_mib if plan else None)
-        if (plan and plan.strict) or self._cpu_session is None:
-            raise DeviceUnavailable(
-                f"{reason}; IDENT_DEVICE=cuda forbids the CPU fallback (IDENT_DEVICE=auto allows it)"
-                if plan and plan.strict else reason
-            )
+        if self._plan is None or self._cpu_session is None:
+            raise DeviceUnavailable(f"{self.spec.key} failed on CUDA while {stage}: {failure.words}")
+        reason = self._plan.cuda_failed(failure, self.spec.key, stage)
         try:
             self._session, self.rewrites = self._cpu_session()
         except ModelUnavailable as exc:
@@ -320,11 +322,13 @@ def _cuda_session(spec: ModelSpec, path: Path, sha256: str, options: ort.Session
         with _captured_native_stderr() as ort_messages, contextlib.redirect_stdout(printed):
             session = ort.InferenceSession(str(path), options, providers=plan.providers)
     except Exception as exc:  # ORT raises its own unexported exception types
-        failure = classify(str(exc)) or CudaFailure("cuda_error", str(exc))
-        probe = ModelSession(spec, path, sha256, _NoSession(), threads, plan.device_id, None,
-                             cpu_session=cpu_session, plan=plan)
-        probe._leave_cuda(failure, "creating its session")
-        return probe
+        failure = classify(str(exc)) or CudaFailure("cuda_error", ort_words(str(exc)))
+        reason = plan.cuda_failed(failure, spec.key, "creating its session")
+        rebuilt, rewrites = cpu_session()
+        log.warning("%s runs on the CPU: %s", spec.key, reason)
+        model = ModelSession(spec, path, sha256, rebuilt, threads, plan.device_id, reason, rewrites)
+        model.reason_code = failure.code
+        return model
     if session.get_providers()[0] == CUDA_EP:
         return ModelSession(spec, path, sha256, session, threads, plan.device_id, None,
                             cpu_session=cpu_session, plan=plan)
@@ -341,13 +345,6 @@ def _cuda_session(spec: ModelSpec, path: Path, sha256: str, options: ort.Session
     model = ModelSession(spec, path, sha256, rebuilt, threads, plan.device_id, reason, rewrites)
     model.reason_code = failure.code if failure else "cuda_declined"
     return model
-
-
-class _NoSession:
-    """Stands where a CUDA session failed to be built, until the CPU session replaces it."""
-
-    def get_providers(self) -> list[str]:
-        return [CUDA_EP]
 
 
 def _session_options(threads: int) -> ort.SessionOptions:
