@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from ident import bench, doctor
-from ident.fleet import make_client
+from ident.fleet import make_client, stopped_by_signals
 from ident.local_fleet import LocalFleetRunner
 from tasks.errors import IdentError, ModelUnavailable
 from workers.formats import describe
@@ -199,30 +197,6 @@ def cmd_submit(args) -> int:
 
 
 # --- fleet -------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def stopped_by_signals():
-    """SIGTERM and SIGHUP (its terminal closed) stop the local fleet as Ctrl-C does.
-
-    At their defaults they would end this process alone and leave the workers and
-    the embedded redis-server, each in a session of its own, running orphaned.
-    """
-    handled = (signal.SIGTERM, signal.SIGHUP)
-
-    def interrupt(signum, frame):
-        # Once: a second signal must not cut the fleet's stop short.
-        for sig in handled:
-            signal.signal(sig, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    # A signal this process was started ignoring (nohup's SIGHUP) stays ignored.
-    previous = {sig: signal.signal(sig, interrupt) for sig in handled if signal.getsignal(sig) is not signal.SIG_IGN}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def cmd_up(args) -> int:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,3 +194,40 @@ def wait_until_ready(app, workers: list[WorkerProcess], timeout: float = 120) ->
             return replies
         time.sleep(0.3)
     raise FleetError(f"workers {sorted(wanted)} were not ready within {timeout:.0f} s")
+
+
+@contextmanager
+def stopped_by_signals():
+    """SIGTERM and SIGHUP (its terminal closed) stop what this process started as Ctrl-C does.
+
+    At their defaults they would end this process alone and leave the workers and
+    redis-server, each in a session of its own, running orphaned.
+    """
+    handled = (signal.SIGTERM, signal.SIGHUP)
+
+    def interrupt(signum, frame):
+        # Once: a second signal must not cut the stop short.
+        for sig in handled:
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    # A signal this process was started ignoring (nohup's SIGHUP) stays ignored.
+    previous = {sig: signal.signal(sig, interrupt) for sig in handled if signal.getsignal(sig) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def signals_held():
+    """Ctrl-C, SIGTERM and SIGHUP ignored while the processes are stopped: a second one must not
+    cut the stop short and leave the rest running."""
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -17,7 +17,7 @@ import time
 
 from rich.console import Console
 
-from ident.fleet import EmbeddedRedis, FleetError, make_client, start_worker, wait_until_ready
+from ident.fleet import EmbeddedRedis, FleetError, make_client, signals_held, start_worker, wait_until_ready
 from tasks.errors import IdentError
 
 err_console = Console(stderr=True)
@@ -120,13 +120,8 @@ class LocalFleetRunner:
     def stop(self) -> None:
         # A stop signal arriving now (a second Ctrl-C, or SIGTERM as the demo ends)
         # must not cut this short: that would leave the rest of the fleet running.
-        held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in held}
-        try:
+        with signals_held():
             self._stop_processes()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def _stop_processes(self) -> None:
         with err_console.status("stopping the fleet..."):
