@@ -1,5 +1,8 @@
 import logging
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from workers.logsafety import RedactBiometrics, redact
 
 
@@ -67,3 +70,22 @@ def test_the_tracers_result_repr_is_celerys_saferepr_of_the_redacted_result():
     for result in results:
         assert _redacted_saferepr(result, 1024) == saferepr(redact(result), 1024)
         assert _redacted_saferepr(result) == saferepr(redact(result))
+
+
+_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=80)
+_LEAVES = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _TEXT | st.binary(max_size=40)
+_VALUES = st.recursive(_LEAVES, lambda children: st.lists(children, max_size=6) | st.tuples(children, children)
+                       | st.dictionaries(_TEXT, children, max_size=6), max_leaves=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(result=st.dictionaries(_TEXT | st.integers(), _VALUES, max_size=12),
+       maxlen=st.integers(min_value=0, max_value=600))
+def test_the_shortened_redaction_shows_exactly_what_redacting_everything_shows(result, maxlen):
+    """Past what saferepr shows of a result, items are left unredacted (they are never rendered):
+    the text must be the same as if everything had been redacted, for any result and any limit."""
+    from celery.utils.saferepr import saferepr
+
+    from workers.logsafety import redacted_saferepr
+
+    assert redacted_saferepr(result, maxlen) == saferepr(redact(result), maxlen)
