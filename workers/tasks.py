@@ -58,11 +58,14 @@ class FleetTask(Task):
         if not self.counts_deliveries and not (args or kwargs):
             return super().__call__()
         with self.job_input(self.request.id, args, kwargs) as job:
-            return super().__call__(*job.arguments(self.signature, self.payload_names).values())
+            return super().__call__(*job.arguments(self.arguments_signature, self.payload_names).values())
 
     @cached_property
-    def signature(self) -> inspect.Signature:
-        """The task's arguments as the contract names them (read once: inspect is slow per job)."""
+    def arguments_signature(self) -> inspect.Signature:
+        """The task's arguments as the contract names them, read once (inspect is slow per job).
+
+        Not ``signature``: that is Celery's own method, which makes canvas signatures.
+        """
         return inspect.signature(self.run)
 
     @contextlib.contextmanager
@@ -102,7 +105,7 @@ class AnalyzeTask(FleetTask):
             for slot, item in enumerate(items):
                 try:
                     job = inputs.enter_context(self.job_input(item.task_id, item.args, item.kwargs))
-                    arguments = job.arguments(self.signature, self.payload_names)
+                    arguments = job.arguments(self.arguments_signature, self.payload_names)
                     payloads.append(arguments[payload_name])
                     options.append(options_dict(arguments.get("options")))
                     slots.append(slot)

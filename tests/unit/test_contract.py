@@ -133,3 +133,21 @@ def test_demo_without_its_sample_files_says_where_it_looked(tmp_path):
     assert completed.returncode == 2
     said = " ".join(completed.stderr.split())  # rich wraps long lines
     assert "sample files are not there" in said and "IDENT_DATA_DIR" in said and "embedded redis" not in said
+
+
+def test_the_task_factory_names_each_argument_as_the_contract_does():
+    import workers.audio
+    import workers.vision
+
+    expected = {
+        "vision.analyze": ["image", "options"], "vision.verify": ["image_a", "image_b"], "vision.get_status": [],
+        "audio.analyze": ["audio", "options"], "audio.verify": ["audio_a", "audio_b"], "audio.get_status": [],
+    }
+    for app in (workers.vision.app, workers.audio.app):
+        names = {name for name in app.tasks if not name.startswith("celery.")}
+        assert names == {name for name in expected if name.startswith(app.main.split(".")[1])}, "one kind per app"
+        for name in names:
+            task = app.tasks[name]
+            assert list(task.arguments_signature.parameters) == expected[name]
+            # Celery's own Task API is intact (canvas signatures are a method of Task).
+            assert task.s(*(["x"] * len(expected[name]))).task == name
