@@ -128,6 +128,18 @@ def no_code_reason(version: str | None, cc: tuple[int, int]) -> str | None:
 # --- install lines ----------------------------------------------------------------
 
 
+@lru_cache(maxsize=None)
+def _pins(constraints: str) -> tuple[tuple[str, str], ...]:
+    """Read once: a choice asks each line for its pins several times."""
+    pins = []
+    for raw in (ROOT / constraints).read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            pins.append((name.strip().lower(), version.strip()))
+    return tuple(pins)
+
+
 @dataclass(frozen=True)
 class Line:
     """A set of pinned packages that scripts/setup.sh can install, and for which cards."""
@@ -139,13 +151,7 @@ class Line:
 
     def pins(self) -> dict[str, str]:
         """name -> version of every ``name==version`` line in the constraints file."""
-        pins = {}
-        for raw in (ROOT / self.constraints).read_text().splitlines():
-            line = raw.split("#", 1)[0].strip()
-            if "==" in line:
-                name, version = line.split("==", 1)
-                pins[name.strip().lower()] = version.strip()
-        return pins
+        return dict(_pins(self.constraints))
 
     @property
     def ort_version(self) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import Field, dataclass, field, fields
 from functools import cache
 from pathlib import Path

@@ -29,7 +29,6 @@ from ident.doctor.checks import (
     SKIP,
     WARN,
     Check,
-    _placement_check,
     build_report,
     check_placements,
     evaluate,
@@ -43,7 +42,6 @@ from ident.doctor.parsers import (
     placement_lines,
 )
 from ident.doctor.probes import (
-    _placement_log,
     gpu_memory_estimate,
     probe_container,
     probe_env,
@@ -55,3 +53,12 @@ from ident.doctor.probes import (
 )
 from models.cuda import CudaFacts
 from models.cuda_builds import parse_smi_query
+
+# What the rest of the project and its tests use as ``ident.doctor.X``.
+__all__ = [
+    "CONTAINER_POINTER", "FAIL", "NO_GPU_POINTER", "NVIDIA_VENDOR", "OK", "SKIP", "WARN", "Check", "CudaFacts",
+    "add_arguments", "build_report", "check_placements", "cuda_library_sonames", "evaluate", "gpu_memory_estimate",
+    "main", "parse_ldconfig", "parse_node_placements", "parse_smi_cuda_version", "parse_smi_query",
+    "placement_lines", "probe_container", "probe_env", "probe_gpus_sysfs", "probe_nvidia_module",
+    "probe_nvidia_smi", "probe_pci_devices", "probe_placements", "render", "run",
+]

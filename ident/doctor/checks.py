@@ -569,7 +569,7 @@ def check_versions(probes: Mapping) -> Check:
     if too_old:
         labels = "; ".join(label for _, label, _, _ in too_old)
         if known:
-            carried = f"{package} (CUDA {known.cuda_version}) carries {known.code_listing()}, none of it for these"
+            carried = f"{package} (CUDA {known.cuda_version}) carries {known.code_listing()}: nothing that runs on these cards"
         else:
             carried = (f"{package} is not in models/cuda_builds.json; CUDA {build_major} builds run only on "
                        f"sm_{minimum[0]}{minimum[1]} ({architecture(minimum)}) and newer")

@@ -313,7 +313,7 @@ def test_cpu_nodes_without_an_explanation_are_reported():
         " Node(s) placed on [CPUExecutionProvider]. Number of nodes: 1",
         "  GridSample (warp)",
     ]
-    check = doctor._placement_check({"key": "m", "file": "m.onnx", "lines": lines, "error": None})
+    check = doctor.checks._placement_check({"key": "m", "file": "m.onnx", "lines": lines, "error": None})
     assert check.status == WARN and "GridSample (warp)" in check.detail
 
 
@@ -587,7 +587,7 @@ def test_placement_check_quotes_ort_declining_the_cuda_ep():
         "All nodes placed on [CPUExecutionProvider]. Number of nodes: 100",
     ]
     assert parse_node_placements(lines).counts == {"CPUExecutionProvider": 100}
-    check = doctor._placement_check({"key": "yunet_2023mar", "file": "y.onnx", "lines": lines, "error": None})
+    check = doctor.checks._placement_check({"key": "yunet_2023mar", "file": "y.onnx", "lines": lines, "error": None})
     assert check.status == WARN
     assert check.detail.startswith(
         "ONNX Runtime declined the CUDA EP for this session: Failed to create CUDAExecutionProvider"
@@ -596,7 +596,7 @@ def test_placement_check_quotes_ort_declining_the_cuda_ep():
 
 def test_placement_probe_mechanics_on_this_host(models_path):
     """The real capture: a verbose session with [CUDA, CPU] on whatever this host has."""
-    result = doctor._placement_log(models_path / "face_detection_yunet_2023mar.onnx", 0)
+    result = doctor.probes._placement_log(models_path / "face_detection_yunet_2023mar.onnx", 0)
     assert result["error"] is None
     placement = parse_node_placements(result["lines"])
     assert placement is not None and placement.total > 0
