@@ -41,7 +41,6 @@ from workers.logsafety import redact_argument, redact_arguments, redacted_safere
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_CELERY = ("5.7",)
 POOL = f"{__name__}:TaskPool"
 RESULT_BACKEND = f"{__name__}:FleetResultBackend"
 REQUEST = f"{__name__}:FleetRequest"

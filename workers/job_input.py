@@ -26,7 +26,7 @@ from tasks.contract import PAYLOAD_KEY_PREFIX, PAYLOAD_REF_FIELD
 from tasks.errors import InvalidInput, LimitExceeded, PoisonMessage
 from tasks.settings import Settings
 from workers.celery_internals import release_unstored
-from workers.jobkeys import FetchedPayload, count_and_fetch, delivery_counter_key, is_payload_key, payload_references
+from workers.jobkeys import FetchedPayload, count_and_fetch, is_payload_key, job_keys, payload_references
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ class JobInput:
         self.kwargs = dict(kwargs or {})
         self.settings = settings
         self.references = payload_references(self.args, self.kwargs)
-        # Every key the job owns: deleted with its result, whatever it is.
-        self.keys = [delivery_counter_key(task_id), *self.references]
+        # Every key the job owns, its delivery counter first: deleted with its result, whatever it is.
+        self.keys = job_keys(task_id, self.args, self.kwargs)
         self._fetched: dict[str, FetchedPayload] = {}
 
     def deliver(self, client) -> None:
