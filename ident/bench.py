@@ -56,7 +56,7 @@ ANSWER_TIMEOUT_S = 300
 def default_inputs_dir(kind: str) -> Path:
     from tasks.settings import load_settings
 
-    return load_settings().data_dir / DATA_FOLDERS[kind]
+    return load_settings().samples_dir / DATA_FOLDERS[kind]
 
 
 def load_inputs(kind: str, folder: Path | None) -> list[tuple[str, bytes]]:
@@ -1047,7 +1047,7 @@ def add_arguments(parser) -> None:
                              f"(default: {DEFAULT_ROUNDS}); the report gives each round and the median and "
                              "min-max of their ratios")
     parser.add_argument("--inputs", type=Path,
-                        help="folder of input files (default: IDENT_DATA_DIR's images/ or audio/)")
+                        help="folder of input files (default: IDENT_SAMPLES_DIR's images/ or audio/)")
     parser.add_argument("--inline", action="store_true",
                         help="send every payload inside the message instead of by reference")
     parser.add_argument("--json", type=Path, dest="json_path", help="write the report here")

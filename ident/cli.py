@@ -219,7 +219,7 @@ def cmd_up(args) -> int:
 def demo_samples() -> list[tuple[str, Path]]:
     from tasks.settings import load_settings
 
-    data = load_settings().data_dir
+    data = load_settings().samples_dir
     samples = [
         ("vision", data / "images" / "multi_face" / "two_people.jpg"),
         ("vision", data / "images" / "liveness" / "spoof_F1_print.jpg"),
@@ -228,7 +228,7 @@ def demo_samples() -> list[tuple[str, Path]]:
     ]
     missing = [str(path) for _kind, path in samples if not path.is_file()]
     if missing:
-        raise IdentError(f"the demo's sample files are not there: {', '.join(missing)}. Point IDENT_DATA_DIR at "
+        raise IdentError(f"the demo's sample files are not there: {', '.join(missing)}. Point IDENT_SAMPLES_DIR at "
                          "the folder that holds images/ and audio/ (../shared/data beside the checkout)")
     return samples
 

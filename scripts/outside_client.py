@@ -43,7 +43,7 @@ def photos(folder: Path) -> list[bytes]:
 
 def main() -> int:
     shared = Path(os.environ.get("IDENT_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-    data = Path(os.environ.get("IDENT_DATA_DIR", shared / "data"))
+    data = Path(os.environ.get("IDENT_SAMPLES_DIR", shared / "data"))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=120)
     parser.add_argument("--concurrency", type=int, default=8)

@@ -60,7 +60,7 @@ def main() -> None:
     plan = plan_device(settings.device, settings.gpu_ids[0])
     session = lambda key: open_session(CATALOG[key], settings.models_dir, plan, threads)  # noqa: E731
     detector = YuNet(session("yunet_2023mar"), CATALOG["yunet_2023mar"])
-    data = Path(os.environ.get("IDENT_DATA_DIR", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+    data = Path(os.environ.get("IDENT_SAMPLES_DIR", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
     items, crops = faces_from_shared(data, detector)
     embedder = ArcFace(session("arcface_mobilefacenet"), CATALOG["arcface_mobilefacenet"])
     liveness = LivenessEnsemble([MiniFASNet(session(k), CATALOG[k]) for k in ("minifasnet_v2", "minifasnet_v1se")])

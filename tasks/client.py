@@ -55,6 +55,19 @@ class IdentClient:
     def verify(self, kind: str, first: bytes, second: bytes) -> AsyncResult:
         return self._send(f"{kind}.verify", first, second)
 
+    def enroll(self, kind: str, gallery: str, subject_id: str, payload: bytes,
+               options: dict | None = None) -> AsyncResult:
+        """Add one template of ``subject_id`` to ``gallery`` (created on first use)."""
+        return self._send(f"{kind}.enroll", gallery, subject_id, payload, options)
+
+    def identify(self, kind: str, gallery: str, payload: bytes, options: dict | None = None) -> AsyncResult:
+        """The gallery's best candidates for each face (vision) or for the voice (audio), with the open-set match."""
+        return self._send(f"{kind}.identify", gallery, payload, options)
+
+    def forget(self, kind: str, gallery: str, subject_id: str) -> AsyncResult:
+        """Delete every template of ``subject_id``; the result's ``deleted`` says how many."""
+        return self._send(f"{kind}.forget", gallery, subject_id)
+
     def status(self, kind: str) -> AsyncResult:
         """The seed's Vision.GetStatus / Audio.GetStatus: answered by one pool process."""
         return self._send(f"{kind}.get_status")

@@ -17,6 +17,13 @@ VISION_ANALYZE = "vision.analyze"
 VISION_VERIFY = "vision.verify"
 # vision.get_status() -> dict   (the seed's Vision.GetStatus)
 VISION_GET_STATUS = "vision.get_status"
+# Galleries (docs/galleries.md):
+# vision.enroll(gallery: str, subject_id: str, image: bytes, options: dict | None = None) -> dict
+VISION_ENROLL = "vision.enroll"
+# vision.identify(gallery: str, image: bytes, options: dict | None = None) -> dict
+VISION_IDENTIFY = "vision.identify"
+# vision.forget(gallery: str, subject_id: str) -> dict
+VISION_FORGET = "vision.forget"
 
 # audio.analyze(audio: bytes, options: dict | None = None) -> dict
 AUDIO_ANALYZE = "audio.analyze"
@@ -24,6 +31,12 @@ AUDIO_ANALYZE = "audio.analyze"
 AUDIO_VERIFY = "audio.verify"
 # audio.get_status() -> dict   (the seed's Audio.GetStatus)
 AUDIO_GET_STATUS = "audio.get_status"
+# audio.enroll(gallery: str, subject_id: str, audio: bytes, options: dict | None = None) -> dict
+AUDIO_ENROLL = "audio.enroll"
+# audio.identify(gallery: str, audio: bytes, options: dict | None = None) -> dict
+AUDIO_IDENTIFY = "audio.identify"
+# audio.forget(gallery: str, subject_id: str) -> dict
+AUDIO_FORGET = "audio.forget"
 
 # Remote-control command answered by every worker for each of its pool
 # processes: `celery -A workers.vision inspect model_status`.

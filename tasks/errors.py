@@ -41,6 +41,35 @@ class NoFaceFound(IdentError):
     """A 1:1 face comparison was asked for an image in which no face was found."""
 
 
+class EnrollmentRefused(InvalidInput):
+    """A gallery enrolment whose media cannot make a trustworthy template.
+
+    The message says why: no face, more than one face (and how many), a face
+    too small, liveness or anti-spoofing calling it a spoof, too little speech.
+    Nothing was stored; send other media.
+    """
+
+
+class GalleryNotFound(IdentError):
+    """identify or forget named a gallery that does not exist (enrolling into it creates it)."""
+
+
+class GalleryMismatch(IdentError):
+    """A gallery holds another modality's or another model's templates than this worker makes.
+
+    Templates of different models cannot be compared: re-enrol the gallery's
+    subjects with the worker's model, or run a worker with the gallery's model.
+    """
+
+
+class GalleryUnavailable(IdentError):
+    """The gallery database cannot be used: unreachable, or it cannot compute vector distances.
+
+    The job was not done (nothing enrolled, nothing forgotten); the worker
+    keeps serving other jobs and reconnects on the next gallery job.
+    """
+
+
 class NoSpeechFound(IdentError):
     """A 1:1 speaker comparison was asked for a recording with no speech in it."""
 

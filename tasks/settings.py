@@ -31,9 +31,17 @@ def _default_models_dir() -> Path:
     return Path(cache) / "identification" / "models"
 
 
-def _default_data_dir() -> Path:
+def _default_samples_dir() -> Path:
     # ../shared/data beside a checkout of this repository.
     return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def _default_data_dir() -> Path:
+    # platformdirs knows each platform's user data folder (XDG on Linux,
+    # Application Support on macOS); imported here, where the default is needed.
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("identification", appauthor=False))
 
 
 def _parse_bool(text: str) -> bool:
@@ -202,7 +210,24 @@ class Settings:
     # default allows 4 s for that, too little for a cold disk or a GPU.
     process_init_timeout: float = 120.0
     # The sample photos and recordings `ident demo` sends and `ident bench` cycles through.
+    samples_dir: Path = field(default_factory=_default_samples_dir)
+    # The fleet's own data on this host: the embedded PostgreSQL of the galleries.
     data_dir: Path = field(default_factory=_default_data_dir)
+    # Galleries (1:N identification, docs/galleries.md). Empty: an embedded
+    # PostgreSQL with pgvector under IDENT_DATA_DIR, shared by the host's workers.
+    gallery_url: str = field(default="", metadata={"parse": str.strip})
+    # Enrolment refuses a recording with less speech than this, and a face
+    # whose box is narrower than this many pixels (too little detail to keep).
+    gallery_min_speech_s: float = 1.0
+    gallery_min_face_px: float = 40.0
+    # A gallery is searched exactly (every template) until it holds this many
+    # templates; past it, through its own HNSW index (docs/galleries.md, "Scale").
+    gallery_index_min_templates: int = 20_000
+    # HNSW's candidate list per search: recall@1 >= 0.99 at 1e6 templates (docs/benchmarks.md).
+    gallery_ef_search: int = 100
+    # Open-set thresholds of identify; None means the catalog's, calibrated per model.
+    face_identify_threshold: float | None = None
+    speaker_identify_threshold: float | None = None
     # Flower's basic auth for `ident up --flower`, user:password; a user alone
     # gets a random password, printed at start.
     flower_auth: str = "admin"
@@ -265,6 +290,17 @@ class Settings:
                 f"below IDENT_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit} s = "
                 f"{self.task_soft_time_limit * 1000} ms); a few milliseconds is usual"
             )
+        if self.gallery_url and urlsplit(self.gallery_url).scheme not in ("postgresql", "postgres"):
+            raise ConfigurationError(
+                f"IDENT_GALLERY_URL={redacted_url(self.gallery_url)!r} is not valid: it must be a postgresql:// URL "
+                "such as postgresql://ident:PASSWORD@db:5432/ident, or empty for the embedded PostgreSQL"
+            )
+        for name in ("gallery_index_min_templates", "gallery_ef_search"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{env_name(name)} must be at least 1")
+        for name in ("gallery_min_speech_s", "gallery_min_face_px"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigurationError(f"{env_name(name)} must be a finite number of 0 or more")
         for name in ("max_audio_seconds", "process_init_timeout"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigurationError(f"{env_name(name)} must be a positive number")
@@ -273,6 +309,7 @@ class Settings:
         # NaN passes float() and then fails every comparison: a verdict that is always False.
         for name, low, high in (("det_score_threshold", 0, 1), ("det_nms_iou", 0, 1), ("liveness_threshold", 0, 1),
                                 ("face_match_threshold", -1, 1), ("speaker_match_threshold", -1, 1),
+                                ("face_identify_threshold", -1, 1), ("speaker_identify_threshold", -1, 1),
                                 ("spoof_threshold", -math.inf, math.inf)):
             value = getattr(self, name)
             if value is not None and not (low <= value <= high and math.isfinite(value)):

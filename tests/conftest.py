@@ -1,7 +1,7 @@
 """Shared fixtures: where the real models and data live.
 
 Tests read models and data from ``../shared`` beside the checkout, or from
-``IDENT_SHARED_DIR`` / ``IDENT_MODELS_DIR`` / ``IDENT_DATA_DIR`` when set. They
+``IDENT_SHARED_DIR`` / ``IDENT_MODELS_DIR`` / ``IDENT_SAMPLES_DIR`` when set. They
 are never copied into the repository.
 """
 
@@ -25,7 +25,7 @@ def models_dir() -> Path:
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("IDENT_DATA_DIR", shared_dir() / "data")).resolve()
+    return Path(os.environ.get("IDENT_SAMPLES_DIR", shared_dir() / "data")).resolve()
 
 
 def driver_present() -> bool:
@@ -51,7 +51,7 @@ def models_path() -> Path:
 def data_path() -> Path:
     path = data_dir()
     if not path.is_dir():
-        pytest.fail(f"real data not found at {path}: set IDENT_SHARED_DIR or IDENT_DATA_DIR")
+        pytest.fail(f"real data not found at {path}: set IDENT_SHARED_DIR or IDENT_SAMPLES_DIR")
     return path
 
 

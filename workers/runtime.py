@@ -86,6 +86,10 @@ class WorkerRuntime:
         for session in self.sessions.values():
             session.on_device_change = lambda: self.publish_status(force=True)
         self.pipeline = PROCESS.pipelines[kind](self.sessions, self.specs, settings)
+        from workers.galleries import GalleryJobs
+
+        # Connects on its first job: a worker that never gets one needs no database.
+        self.galleries = GalleryJobs(kind, self.pipeline, settings)
         self.load_ms = round((time.perf_counter() - started) * 1000.0, 1)
         self.jobs = 0
         self.job_started_at: float | None = None
@@ -130,6 +134,7 @@ class WorkerRuntime:
             # The worker's micro-batching (1 = off); ident bench sizes its baseline's batches by it.
             "max_batch": self.settings.max_batch,
             "max_wait_ms": self.settings.max_wait_ms,
+            "galleries": self.galleries.status(),
         }
 
     def finish(self, result: dict) -> dict:

@@ -35,6 +35,11 @@ TASK_NAMES = {
     "vision": (contract.VISION_ANALYZE, contract.VISION_VERIFY, contract.VISION_GET_STATUS),
     "audio": (contract.AUDIO_ANALYZE, contract.AUDIO_VERIFY, contract.AUDIO_GET_STATUS),
 }
+# enroll, identify and forget (workers/galleries.py).
+GALLERY_TASK_NAMES = {
+    "vision": (contract.VISION_ENROLL, contract.VISION_IDENTIFY, contract.VISION_FORGET),
+    "audio": (contract.AUDIO_ENROLL, contract.AUDIO_IDENTIFY, contract.AUDIO_FORGET),
+}
 
 
 class FleetTask(Task):
@@ -127,7 +132,7 @@ def refuse_without_models() -> None:
 
 
 def define_tasks(app: Celery, kind: str) -> None:
-    """Register ``kind``'s analyze, verify and get_status on ``app``, under the contract's names."""
+    """Register ``kind``'s analyze, verify, get_status, enroll, identify and forget on ``app``, under the contract's names."""
     one, first, second = PAYLOAD_ARGUMENTS[kind]
     analyze_name, verify_name, status_name = TASK_NAMES[kind]
 
@@ -142,6 +147,18 @@ def define_tasks(app: Celery, kind: str) -> None:
     def get_status(self) -> dict:
         return current_runtime().status()
 
+    def enroll(self, gallery: str, subject_id: str, payload: bytes, options=None) -> dict:
+        runtime = current_runtime()
+        return runtime.finish(runtime.galleries.enroll(gallery, subject_id, payload, options))
+
+    def identify(self, gallery: str, payload: bytes, options=None) -> dict:
+        runtime = current_runtime()
+        return runtime.finish(runtime.galleries.identify(gallery, payload, options))
+
+    def forget_subject(self, gallery: str, subject_id: str) -> dict:
+        runtime = current_runtime()
+        return runtime.finish(runtime.galleries.forget(gallery, subject_id))
+
     # shared=False: each worker app has its own kind's tasks, not every app's.
     app.task(base=AnalyzeTask, bind=True, shared=False, name=analyze_name, payload_names=(one,),
              Strategy=batching.analyze_strategy())(_named(analyze, payload=one))
@@ -151,6 +168,12 @@ def define_tasks(app: Celery, kind: str) -> None:
     # ~0.25 ms per KB); 256 characters of a status are enough for Flower's list.
     app.task(base=FleetTask, bind=True, shared=False, name=status_name, counts_deliveries=False,
              resultrepr_maxsize=256)(get_status)
+    enroll_name, identify_name, forget_name = GALLERY_TASK_NAMES[kind]
+    app.task(base=FleetTask, bind=True, shared=False, name=enroll_name, payload_names=(one,))(
+        _named(enroll, payload=one))
+    app.task(base=FleetTask, bind=True, shared=False, name=identify_name, payload_names=(one,))(
+        _named(identify, payload=one))
+    app.task(base=FleetTask, bind=True, shared=False, name=forget_name)(forget_subject)
 
 
 def _named(function, **names):

@@ -31,11 +31,22 @@ def redis_server():
 
 
 @pytest.fixture(scope="session")
-def fleet_env(redis_server, models_path) -> dict[str, str]:
+def gallery_data_dir(tmp_path_factory):
+    """IDENT_DATA_DIR of the session's fleet: its embedded PostgreSQL starts there on the first gallery job."""
+    from galleries import embedded
+
+    path = tmp_path_factory.mktemp("ident-data")
+    yield path
+    embedded.stop(path)
+
+
+@pytest.fixture(scope="session")
+def fleet_env(redis_server, models_path, gallery_data_dir) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("IDENT_")}
     env.update(
         IDENT_REDIS_URL=redis_server.url,
         IDENT_MODELS_DIR=str(models_path),
+        IDENT_DATA_DIR=str(gallery_data_dir),
         PYTHONUNBUFFERED="1",
     )
     return env

@@ -127,12 +127,12 @@ def test_demo_without_its_sample_files_says_where_it_looked(tmp_path):
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDENT_")}
-    env["IDENT_DATA_DIR"] = str(tmp_path)
+    env["IDENT_SAMPLES_DIR"] = str(tmp_path)
     completed = subprocess.run([sys.executable, "-m", "ident.cli", "demo"], cwd=REPO_ROOT, env=env,
                                capture_output=True, text=True, timeout=60)
     assert completed.returncode == 2
     said = " ".join(completed.stderr.split())  # rich wraps long lines
-    assert "sample files are not there" in said and "IDENT_DATA_DIR" in said and "embedded redis" not in said
+    assert "sample files are not there" in said and "IDENT_SAMPLES_DIR" in said and "embedded redis" not in said
 
 
 def test_the_task_factory_names_each_argument_as_the_contract_does():

@@ -1,0 +1,412 @@
+"""Galleries and their templates: enrol, identify, forget, and what an operator asks about them.
+
+Each gallery has its own table, ``ident_templates_<id>``, with a column of
+its model's dimensions. While the gallery is small a search reads every
+template (exact, and a few milliseconds); once it holds
+IDENT_GALLERY_INDEX_MIN_TEMPLATES templates the process that crosses the mark
+builds the table's HNSW cosine index, and searches go through it with
+``hnsw.ef_search`` = IDENT_GALLERY_EF_SEARCH. A table per gallery means the
+index holds only that gallery's templates: pgvector applies a WHERE clause
+after the index scan, so a shared index would hand small galleries fewer
+rows than asked for.
+
+A subject's score is its best template's cosine similarity to the probe.
+Enrolment is idempotent per (subject, source): the source is the payload's
+sha256, so a job delivered twice, or the same photo sent again, adds one
+template. Nothing here logs an embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from tasks.errors import GalleryMismatch, GalleryNotFound, InvalidInput
+
+from .database import Database
+from .names import checked_name
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("vision", "audio")
+# HNSW build parameters: pgvector's defaults, which the benchmark's recall was measured with.
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 64
+# pg_try_advisory_lock(INDEX_LOCK_CLASS, gallery id): one process builds a gallery's index.
+INDEX_LOCK_CLASS = 0x6964
+MAX_TOP_K = 100
+
+
+@dataclass(frozen=True)
+class EmbeddingModel:
+    """The model that made a template: its catalog key, its file's sha256 and its output size."""
+
+    key: str
+    sha256: str
+    dimensions: int
+    modality: str
+
+
+@dataclass(frozen=True)
+class Gallery:
+    id: int
+    name: str
+    modality: str
+    model: str
+    model_sha256: str
+    dimensions: int
+    threshold: float | None
+    indexed: bool
+
+    @property
+    def table(self) -> sql.Identifier:
+        return sql.Identifier(f"ident_templates_{self.id}")
+
+    @property
+    def index_name(self) -> sql.Identifier:
+        return sql.Identifier(f"ident_templates_{self.id}_hnsw")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    subject_id: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    gallery: Gallery
+    templates: int  # the subject's, after this enrolment
+    added: bool  # False when this source was already enrolled for the subject
+
+
+_GALLERY_QUERY = """
+    SELECT g.id, g.name, g.modality, m.key, m.sha256, m.dimensions, g.threshold, g.indexed_at IS NOT NULL
+    FROM ident_galleries g JOIN ident_models m ON m.id = g.model_id
+"""
+
+
+class GalleryStore:
+    """Every gallery in one database."""
+
+    def __init__(self, database: Database, index_min_templates: int = 20_000, ef_search: int = 100) -> None:
+        self.database = database
+        self.index_min_templates = index_min_templates
+        self.ef_search = ef_search
+
+    # -- jobs -------------------------------------------------------------
+
+    def enroll(self, name: str, subject_id: str, embedding: np.ndarray, model: EmbeddingModel,
+               source: str) -> Enrolment:
+        """Add one template to ``subject_id`` in gallery ``name``, creating the gallery on first use."""
+        checked_name(name, "gallery name")
+        checked_name(subject_id, "subject_id")
+        vector = _vector(embedding, model.dimensions)
+
+        def enroll_in(conn: psycopg.Connection) -> Enrolment:
+            gallery = self._gallery_for(conn, name, model)
+            with conn.transaction():
+                added = conn.execute(
+                    sql.SQL("INSERT INTO {} (subject_id, source, embedding, model_id) "
+                            "SELECT %s, %s, %s, id FROM ident_models WHERE key = %s AND sha256 = %s "
+                            "ON CONFLICT (subject_id, source) DO NOTHING RETURNING id").format(gallery.table),
+                    (subject_id, source, vector, model.key, model.sha256),
+                ).fetchone()
+                (templates,) = conn.execute(
+                    sql.SQL("SELECT count(*) FROM {} WHERE subject_id = %s").format(gallery.table), (subject_id,)
+                ).fetchone()
+            if added is not None and not gallery.indexed and added[0] >= self.index_min_templates:
+                self._index_when_due(conn, gallery)
+            return Enrolment(gallery, int(templates), added is not None)
+
+        return self.database.run(enroll_in)
+
+    def identify(self, name: str, embeddings: Sequence[np.ndarray], model: EmbeddingModel,
+                 top_k: int = 5) -> tuple[Gallery, list[list[Candidate]]]:
+        """The ``top_k`` best subjects for each probe embedding, best first."""
+        checked_name(name, "gallery name")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidInput(f"option 'top_k' must be a whole number from 1 to {MAX_TOP_K}, got {top_k!r}")
+        vectors = [_vector(e, model.dimensions) for e in embeddings]
+
+        def search(conn: psycopg.Connection) -> tuple[Gallery, list[list[Candidate]]]:
+            gallery = self._existing(conn, name)
+            _check_model(gallery, model)
+            return gallery, [self._search(conn, gallery, vector, top_k) for vector in vectors]
+
+        return self.database.run(search)
+
+    def forget(self, name: str, subject_id: str, modality: str) -> int:
+        """Delete every template of ``subject_id``; the number deleted (0 if it had none)."""
+        checked_name(name, "gallery name")
+        checked_name(subject_id, "subject_id")
+
+        def delete(conn: psycopg.Connection) -> int:
+            gallery = self._existing(conn, name)
+            if gallery.modality != modality:
+                raise GalleryMismatch(f"gallery {name!r} holds {gallery.modality} templates: forget its subjects "
+                                      f"with {gallery.modality}.forget")
+            cursor = conn.execute(sql.SQL("DELETE FROM {} WHERE subject_id = %s").format(gallery.table),
+                                  (subject_id,))
+            return cursor.rowcount
+
+        return self.database.run(delete)
+
+    # -- operators --------------------------------------------------------
+
+    def galleries(self) -> list[dict]:
+        """One row per gallery: name, modality, model, subjects, templates."""
+
+        def rows(conn: psycopg.Connection) -> list[dict]:
+            found = []
+            for gallery in self._all(conn):
+                subjects, templates = conn.execute(
+                    sql.SQL("SELECT count(DISTINCT subject_id), count(*) FROM {}").format(gallery.table)
+                ).fetchone()
+                found.append({"name": gallery.name, "modality": gallery.modality, "model": gallery.model,
+                              "subjects": int(subjects), "templates": int(templates)})
+            return found
+
+        return self.database.run(rows)
+
+    def stats(self, name: str) -> dict:
+        checked_name(name, "gallery name")
+
+        def read(conn: psycopg.Connection) -> dict:
+            gallery = self._existing(conn, name)
+            subjects, templates, most, first, last = conn.execute(
+                sql.SQL("SELECT count(*), coalesce(sum(n), 0), coalesce(max(n), 0), min(f), max(l) FROM "
+                        "(SELECT subject_id, count(*) AS n, min(enrolled_at) AS f, max(enrolled_at) AS l "
+                        "FROM {} GROUP BY subject_id) per_subject").format(gallery.table)
+            ).fetchone()
+            (size,) = conn.execute("SELECT pg_total_relation_size(%s::regclass)",
+                                   (f"ident_templates_{gallery.id}",)).fetchone()
+            return {
+                "name": gallery.name, "modality": gallery.modality, "model": gallery.model,
+                "model_sha256": gallery.model_sha256, "dimensions": gallery.dimensions,
+                "subjects": int(subjects), "templates": int(templates),
+                "most_templates_per_subject": int(most),
+                "threshold": gallery.threshold, "search": "hnsw" if gallery.indexed else "exact",
+                "index_min_templates": self.index_min_templates, "ef_search": self.ef_search,
+                "bytes": int(size),
+                "first_enrolled": first.isoformat() if first else None,
+                "last_enrolled": last.isoformat() if last else None,
+            }
+
+        return self.database.run(read)
+
+    def set_threshold(self, name: str, threshold: float | None) -> Gallery:
+        """Set (or with None, clear) the gallery's own open-set threshold."""
+        checked_name(name, "gallery name")
+        if threshold is not None and not -1.0 <= threshold <= 1.0:
+            raise InvalidInput(f"a threshold is a cosine similarity from -1 to 1, got {threshold}")
+
+        def update(conn: psycopg.Connection) -> Gallery:
+            self._existing(conn, name)
+            conn.execute("UPDATE ident_galleries SET threshold = %s WHERE name = %s", (threshold, name))
+            return self._existing(conn, name)
+
+        return self.database.run(update)
+
+    def gallery(self, name: str) -> Gallery:
+        checked_name(name, "gallery name")
+        return self.database.run(lambda conn: self._existing(conn, name))
+
+    def enrolled_sources(self, name: str) -> set[tuple[str, str]]:
+        """(subject_id, source) of every template, so a batch enrolment can skip what is done."""
+        checked_name(name, "gallery name")
+
+        def read(conn: psycopg.Connection) -> set[tuple[str, str]]:
+            gallery = self._find(conn, name)
+            if gallery is None:
+                return set()
+            return set(conn.execute(sql.SQL("SELECT subject_id, source FROM {}").format(gallery.table)).fetchall())
+
+        return self.database.run(read)
+
+    def bulk_load(self, name: str, model: EmbeddingModel, rows: Iterable[tuple[str, str, np.ndarray]],
+                  progress: Callable[[int], None] | None = None) -> int:
+        """COPY templates in (subject_id, source, embedding); rows already there are skipped. Returns rows added.
+
+        For imports and the benchmark; not retried on a broken connection
+        (the rows are an iterator), so a failure says how far it got.
+        """
+        checked_name(name, "gallery name")
+        conn = self.database.run(lambda c: c)
+        gallery = self._gallery_for(conn, name, model)
+        (model_id,) = conn.execute("SELECT id FROM ident_models WHERE key = %s AND sha256 = %s",
+                                   (model.key, model.sha256)).fetchone()
+        added = 0
+        with conn.transaction():
+            conn.execute("CREATE TEMPORARY TABLE ident_import (subject_id text, source text, embedding vector) "
+                         "ON COMMIT DROP")
+            with conn.cursor().copy("COPY ident_import FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["text", "text", "vector"])
+                for count, (subject_id, source, embedding) in enumerate(rows, 1):
+                    checked_name(subject_id, "subject_id")
+                    copy.write_row((subject_id, source, _vector(embedding, model.dimensions)))
+                    if progress is not None and count % 1000 == 0:
+                        progress(1000)
+            added = conn.execute(
+                sql.SQL("INSERT INTO {} (subject_id, source, embedding, model_id) "
+                        "SELECT subject_id, source, embedding, %s FROM ident_import "
+                        "ON CONFLICT (subject_id, source) DO NOTHING").format(gallery.table), (model_id,)
+            ).rowcount
+        if not gallery.indexed:
+            self._index_when_due(conn, gallery)
+        return added
+
+    def export_rows(self, name: str) -> tuple[Gallery, Iterator[tuple[str, str, np.ndarray, str]]]:
+        """The gallery and an iterator of its templates (subject_id, source, embedding, enrolled_at ISO)."""
+        checked_name(name, "gallery name")
+        conn = self.database.run(lambda c: c)
+        gallery = self._existing(conn, name)
+
+        def rows() -> Iterator[tuple[str, str, np.ndarray, str]]:
+            with conn.transaction(), conn.cursor(name="ident_export") as cursor:
+                cursor.execute(sql.SQL("SELECT subject_id, source, embedding, enrolled_at FROM {} "
+                                       "ORDER BY id").format(gallery.table))
+                for subject_id, source, embedding, enrolled_at in cursor:
+                    yield subject_id, source, np.asarray(embedding, dtype=np.float32), enrolled_at.isoformat()
+
+        return gallery, rows()
+
+    def build_index(self, name: str) -> float:
+        """Build the gallery's HNSW index now, whatever its size; the seconds it took (0.0 if it had one)."""
+        gallery = self.gallery(name)
+        if gallery.indexed:
+            return 0.0
+        started = time.perf_counter()
+        conn = self.database.run(lambda c: c)
+        self._build_index(conn, gallery)
+        return time.perf_counter() - started
+
+    # -- inside -----------------------------------------------------------
+
+    def _search(self, conn: psycopg.Connection, gallery: Gallery, vector: np.ndarray,
+                top_k: int) -> list[Candidate]:
+        if gallery.indexed:
+            with conn.transaction():
+                conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(self.ef_search)))
+                # The index yields at most ef_search templates; a subject is scored by its best.
+                rows = conn.execute(
+                    sql.SQL("SELECT subject_id, max(1 - distance) AS score FROM "
+                            "(SELECT subject_id, embedding <=> %(probe)s AS distance FROM {} "
+                            " ORDER BY embedding <=> %(probe)s LIMIT %(nearest)s) nearest "
+                            "GROUP BY subject_id ORDER BY score DESC LIMIT %(k)s").format(gallery.table),
+                    {"probe": vector, "nearest": self.ef_search, "k": top_k},
+                ).fetchall()
+        else:
+            rows = conn.execute(
+                sql.SQL("SELECT subject_id, max(1 - (embedding <=> %(probe)s)) AS score FROM {} "
+                        "GROUP BY subject_id ORDER BY score DESC LIMIT %(k)s").format(gallery.table),
+                {"probe": vector, "k": top_k},
+            ).fetchall()
+        return [Candidate(subject_id, float(score)) for subject_id, score in rows]
+
+    def _gallery_for(self, conn: psycopg.Connection, name: str, model: EmbeddingModel) -> Gallery:
+        """The gallery ``name``, created for ``model`` if it does not exist; GalleryMismatch if it is another's."""
+        gallery = self._find(conn, name)
+        if gallery is None:
+            with conn.transaction():
+                conn.execute("INSERT INTO ident_models (key, sha256, dimensions) VALUES (%s, %s, %s) "
+                             "ON CONFLICT (key, sha256) DO NOTHING", (model.key, model.sha256, model.dimensions))
+                created = conn.execute(
+                    "INSERT INTO ident_galleries (name, modality, model_id) "
+                    "SELECT %s, %s, id FROM ident_models WHERE key = %s AND sha256 = %s "
+                    "ON CONFLICT (name) DO NOTHING RETURNING id",
+                    (name, model.modality, model.key, model.sha256),
+                ).fetchone()
+                if created is not None:
+                    table = sql.Identifier(f"ident_templates_{created[0]}")
+                    conn.execute(sql.SQL(
+                        "CREATE TABLE {} (id bigserial PRIMARY KEY, subject_id text NOT NULL, source text NOT NULL, "
+                        "embedding vector({}) NOT NULL, model_id smallint NOT NULL REFERENCES ident_models (id), "
+                        "enrolled_at timestamptz NOT NULL DEFAULT now(), UNIQUE (subject_id, source))"
+                    ).format(table, sql.Literal(model.dimensions)))
+                    log.info("gallery %r created (%s, %s, %d dimensions)", name, model.modality, model.key,
+                             model.dimensions)
+            gallery = self._find(conn, name)
+        _check_model(gallery, model)
+        return gallery
+
+    def _index_when_due(self, conn: psycopg.Connection, gallery: Gallery) -> None:
+        (templates,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(gallery.table)).fetchone()
+        if templates >= self.index_min_templates:
+            self._build_index(conn, gallery, templates)
+
+    def _build_index(self, conn: psycopg.Connection, gallery: Gallery, templates: int | None = None) -> None:
+        (locked,) = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (INDEX_LOCK_CLASS, gallery.id)).fetchone()
+        if not locked:
+            return  # another process is building it; searches stay exact until it is done
+        try:
+            current = self._find(conn, gallery.name)
+            if current is None or current.indexed:
+                return
+            if templates is None:
+                (templates,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(gallery.table)).fetchone()
+            # The graph must fit in maintenance_work_mem or the build slows down many
+            # times over: about the vectors plus 2*M neighbour ids each, with room.
+            memory_mb = int(min(8192, max(64, templates * (gallery.dimensions * 4 + HNSW_M * 2 * 8 + 64) * 1.5
+                                          / 2**20)))
+            started = time.perf_counter()
+            conn.execute("SET statement_timeout = 0")
+            conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(f"{memory_mb}MB")))
+            # A build that died half-way leaves an invalid index behind, which IF NOT EXISTS would keep.
+            conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(gallery.index_name))
+            conn.execute(sql.SQL(
+                "CREATE INDEX CONCURRENTLY {} ON {} USING hnsw (embedding vector_cosine_ops) "
+                "WITH (m = {}, ef_construction = {})"
+            ).format(gallery.index_name, gallery.table, sql.Literal(HNSW_M), sql.Literal(HNSW_EF_CONSTRUCTION)))
+            conn.execute("UPDATE ident_galleries SET indexed_at = now() WHERE id = %s", (gallery.id,))
+            log.info("gallery %r: HNSW index over %d templates built in %.1f s", gallery.name, templates,
+                     time.perf_counter() - started)
+        finally:
+            if not conn.broken:
+                conn.execute("RESET statement_timeout")
+                conn.execute("RESET maintenance_work_mem")
+                conn.execute("SELECT pg_advisory_unlock(%s, %s)", (INDEX_LOCK_CLASS, gallery.id))
+
+    def _find(self, conn: psycopg.Connection, name: str) -> Gallery | None:
+        row = conn.execute(_GALLERY_QUERY + " WHERE g.name = %s", (name,)).fetchone()
+        return None if row is None else Gallery(*row)
+
+    def _existing(self, conn: psycopg.Connection, name: str) -> Gallery:
+        gallery = self._find(conn, name)
+        if gallery is None:
+            raise GalleryNotFound(f"gallery {name!r} does not exist: enrol a subject into it first "
+                                  "(vision.enroll or audio.enroll creates it), or see `ident gallery list`")
+        return gallery
+
+    def _all(self, conn: psycopg.Connection) -> list[Gallery]:
+        return [Gallery(*row) for row in conn.execute(_GALLERY_QUERY + " ORDER BY g.name").fetchall()]
+
+
+def _check_model(gallery: Gallery, model: EmbeddingModel) -> None:
+    if gallery.modality != model.modality:
+        raise GalleryMismatch(
+            f"gallery {gallery.name!r} holds {gallery.modality} templates, not {model.modality}: use "
+            f"{gallery.modality}.enroll/identify with it, or another gallery name for {model.modality}"
+        )
+    if (gallery.model, gallery.model_sha256) != (model.key, model.sha256):
+        raise GalleryMismatch(
+            f"gallery {gallery.name!r} holds templates of {gallery.model} (sha256 {gallery.model_sha256[:12]}), "
+            f"but this worker embeds with {model.key} (sha256 {model.sha256[:12]}); templates of different models "
+            f"cannot be compared. Re-enrol its subjects into a new gallery with {model.key} "
+            f"(ident gallery enroll), or run workers with {gallery.model}"
+        )
+
+
+def _vector(embedding: np.ndarray, dimensions: int) -> np.ndarray:
+    vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
+    if vector.shape[0] != dimensions:
+        raise InvalidInput(f"an embedding of {vector.shape[0]} dimensions cannot join a gallery of {dimensions}")
+    if not np.isfinite(vector).all():
+        raise InvalidInput("the embedding holds NaN or infinite values")
+    return vector
