@@ -127,7 +127,8 @@ def test_env_example_sets_every_variable_the_file_uses(path, example_env):
 
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
 def test_required_secrets_refuse_to_default(path, example_env):
-    for secret in ("IDENT_REDIS_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD", "IDENT_MODELS_HOST_DIR"):
+    for secret in ("IDENT_REDIS_PASSWORD", "IDENT_POSTGRES_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD",
+                   "IDENT_MODELS_HOST_DIR"):
         env = {k: v for k, v in example_env.items() if k != secret}
         with pytest.raises(UnsetVariable, match=secret):
             load(path, env)
@@ -143,6 +144,20 @@ def test_redis_is_private_persistent_and_health_checked(path, example_env):
     test = " ".join(redis["healthcheck"]["test"])
     assert "redis-cli -a" in test and "ping" in test
     assert any(str(v).endswith(":/data") for v in redis["volumes"])
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_gallery_database_is_pgvector_private_persistent_and_health_checked(path, example_env):
+    postgres = load(path, example_env)["services"]["postgres"]
+    image, _, tag = postgres["image"].partition(":")
+    assert image == "pgvector/pgvector" and tag.startswith("0.8") and "-pg" in tag
+    assert "ports" not in postgres and "expose" not in postgres
+    assert postgres["environment"]["POSTGRES_PASSWORD"] == example_env["IDENT_POSTGRES_PASSWORD"]
+    assert postgres["environment"]["POSTGRES_USER"] == "ident" == postgres["environment"]["POSTGRES_DB"]
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert any(str(v).endswith(":/var/lib/postgresql/data") for v in postgres["volumes"])
+    url = load(path, example_env)["services"]["vision-worker"]["environment"]["IDENT_GALLERY_URL"]
+    assert url == f"postgresql://ident:{example_env['IDENT_POSTGRES_PASSWORD']}@postgres:5432/ident"
 
 
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
@@ -168,9 +183,11 @@ def test_worker_commands_and_wiring(path, example_env):
             worker["command"]
             == f"celery -A workers.{kind} worker -Q {kind} -c ${{{concurrency}:-{default}}} -E --loglevel=INFO"
         )
-        assert worker["depends_on"] == {"redis": {"condition": "service_healthy"}}
+        assert worker["depends_on"] == {"redis": {"condition": "service_healthy"},
+                                        "postgres": {"condition": "service_healthy"}}
         env = worker["environment"]
         assert env["IDENT_REDIS_URL"] == "redis://:${IDENT_REDIS_PASSWORD}@redis:6379/0"
+        assert env["IDENT_GALLERY_URL"] == "postgresql://ident:${IDENT_POSTGRES_PASSWORD}@postgres:5432/ident"
         assert env["IDENT_MODELS_DIR"] == "/models"
         assert any(str(v).endswith(":/models:ro") for v in worker["volumes"])
         assert "ports" not in worker

@@ -142,6 +142,10 @@ def test_the_task_factory_names_each_argument_as_the_contract_does():
     expected = {
         "vision.analyze": ["image", "options"], "vision.verify": ["image_a", "image_b"], "vision.get_status": [],
         "audio.analyze": ["audio", "options"], "audio.verify": ["audio_a", "audio_b"], "audio.get_status": [],
+        "vision.enroll": ["gallery", "subject_id", "image", "options"],
+        "vision.identify": ["gallery", "image", "options"], "vision.forget": ["gallery", "subject_id"],
+        "audio.enroll": ["gallery", "subject_id", "audio", "options"],
+        "audio.identify": ["gallery", "audio", "options"], "audio.forget": ["gallery", "subject_id"],
     }
     for app in (workers.vision.app, workers.audio.app):
         names = {name for name in app.tasks if not name.startswith("celery.")}

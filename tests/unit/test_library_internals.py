@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PROJECT_PACKAGES = ("tasks", "models", "workers", "ident")
+PROJECT_PACKAGES = ("tasks", "models", "workers", "galleries", "ident")
 INTERNALS_MODULES = {"workers/celery_internals.py", "workers/kombu_internals.py"}
 # What the project may import from these libraries anywhere: their documented API.
 PUBLIC = {
