@@ -42,11 +42,11 @@ def start(data_dir: Path) -> str:
 
             server = pgserver.get_server(pgdata, cleanup_mode=None)
             if not server.get_postmaster_info().is_running():
-                # pgserver keeps one handle per folder per process and never looks again, so
+                # get_server keeps one handle per folder per process and never looks again, so
                 # after the server stopped (stop-embedded, a crash) it would hand back the dead
-                # server's socket forever. Drop the stale handle and let pgserver start it anew.
-                pgserver.PostgresServer._instances.pop(server.pgdata, None)
-                server = pgserver.get_server(pgdata, cleanup_mode=None)
+                # server's socket forever. A new handle (the class's public constructor, which
+                # replaces the cached one) starts the server anew.
+                server = pgserver.PostgresServer(pgdata, cleanup_mode=None)
         return server.get_uri()
     except ImportError as exc:
         raise GalleryUnavailable(
@@ -62,22 +62,32 @@ def start(data_dir: Path) -> str:
 
 
 def stop(data_dir: Path, timeout_s: float = 30.0) -> bool:
-    """Stop the host's embedded server (PostgreSQL's fast shutdown, SIGINT); False when none was running."""
+    """Stop the host's embedded server (PostgreSQL's fast shutdown, SIGINT); False when none was running.
+
+    A postmaster that has not gone after ``timeout_s`` gets an immediate shutdown
+    (SIGQUIT; the next start recovers from the WAL): PostgreSQL 16.2 never finishes a
+    fast shutdown asked for while it recovers from a crashed backend (a SIGILL, say).
+    """
     pid = running_pid(data_dir)
     if pid is None:
         return False
-    try:
-        os.kill(pid, signal.SIGINT)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    for sig, wait_s in ((signal.SIGINT, timeout_s), (signal.SIGQUIT, 10.0)):
         try:
-            os.kill(pid, 0)
+            os.kill(pid, sig)
         except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    raise GalleryUnavailable(f"the embedded PostgreSQL (pid {pid}) did not stop within {timeout_s:g} s")
+            return sig != signal.SIGINT  # gone before we asked: it was not ours to stop
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.05)
+        if sig == signal.SIGINT:
+            log.warning("the embedded PostgreSQL (pid %d) did not stop within %g s of a fast shutdown: "
+                        "shutting it down immediately", pid, timeout_s)
+    raise GalleryUnavailable(f"the embedded PostgreSQL (pid {pid}) did not stop within {timeout_s:g} s, nor "
+                             f"10 s after an immediate shutdown: stop it with kill -9 {pid}")
 
 
 def running_pid(data_dir: Path) -> int | None:

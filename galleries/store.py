@@ -41,6 +41,8 @@ HNSW_EF_CONSTRUCTION = 64
 # pg_try_advisory_lock(INDEX_LOCK_CLASS, gallery id): one process builds a gallery's index.
 INDEX_LOCK_CLASS = 0x6964
 MAX_TOP_K = 100
+# Indexed searches read at least this many nearest templates per candidate asked for.
+NEAREST_PER_CANDIDATE = 4
 
 
 @dataclass(frozen=True)
@@ -230,37 +232,49 @@ class GalleryStore:
 
         return self.database.run(read)
 
-    def bulk_load(self, name: str, model: EmbeddingModel, rows: Iterable[tuple[str, str, np.ndarray]],
-                  progress: Callable[[int], None] | None = None) -> int:
-        """COPY templates in (subject_id, source, embedding); rows already there are skipped. Returns rows added.
+    def bulk_load(self, name: str, model: EmbeddingModel, rows: Iterable[tuple],
+                  progress: Callable[[int], None] | None = None, index_when_due: bool = True) -> int:
+        """COPY templates in; rows already there are skipped. Returns rows added.
 
-        For imports and the benchmark; not retried on a broken connection
-        (the rows are an iterator), so a failure says how far it got.
+        Each row is (subject_id, source, embedding) or (subject_id, source,
+        embedding, enrolled_at: datetime | None); without a time, now. For
+        imports and the benchmark; not retried on a broken connection (the
+        rows are an iterator), so a failure says how far it got. A caller
+        loading in chunks passes ``index_when_due=False`` and calls
+        :meth:`index_if_due` once at the end: an index built after the first
+        chunk would take the rest one insertion at a time, many times slower.
         """
         checked_name(name, "gallery name")
         conn = self.database.run(lambda c: c)
         gallery = self._gallery_for(conn, name, model)
         (model_id,) = conn.execute("SELECT id FROM ident_models WHERE key = %s AND sha256 = %s",
                                    (model.key, model.sha256)).fetchone()
-        added = 0
         with conn.transaction():
-            conn.execute("CREATE TEMPORARY TABLE ident_import (subject_id text, source text, embedding vector) "
-                         "ON COMMIT DROP")
+            conn.execute("CREATE TEMPORARY TABLE ident_import (subject_id text, source text, embedding vector, "
+                         "enrolled_at timestamptz) ON COMMIT DROP")
             with conn.cursor().copy("COPY ident_import FROM STDIN WITH (FORMAT BINARY)") as copy:
-                copy.set_types(["text", "text", "vector"])
-                for count, (subject_id, source, embedding) in enumerate(rows, 1):
+                copy.set_types(["text", "text", "vector", "timestamptz"])
+                for count, (subject_id, source, embedding, *when) in enumerate(rows, 1):
                     checked_name(subject_id, "subject_id")
-                    copy.write_row((subject_id, source, _vector(embedding, model.dimensions)))
+                    copy.write_row((subject_id, source, _vector(embedding, model.dimensions),
+                                    when[0] if when else None))
                     if progress is not None and count % 1000 == 0:
                         progress(1000)
             added = conn.execute(
-                sql.SQL("INSERT INTO {} (subject_id, source, embedding, model_id) "
-                        "SELECT subject_id, source, embedding, %s FROM ident_import "
+                sql.SQL("INSERT INTO {} (subject_id, source, embedding, model_id, enrolled_at) "
+                        "SELECT subject_id, source, embedding, %s, coalesce(enrolled_at, now()) FROM ident_import "
                         "ON CONFLICT (subject_id, source) DO NOTHING").format(gallery.table), (model_id,)
             ).rowcount
-        if not gallery.indexed:
+        if index_when_due and not gallery.indexed:
             self._index_when_due(conn, gallery)
         return added
+
+    def index_if_due(self, name: str) -> bool:
+        """Build the gallery's HNSW index if it has reached IDENT_GALLERY_INDEX_MIN_TEMPLATES; whether it has one now."""
+        gallery = self.gallery(name)
+        if not gallery.indexed:
+            self.database.run(lambda conn: self._index_when_due(conn, gallery))
+        return self.gallery(name).indexed
 
     def export_rows(self, name: str) -> tuple[Gallery, Iterator[tuple[str, str, np.ndarray, str]]]:
         """The gallery and an iterator of its templates (subject_id, source, embedding, enrolled_at ISO)."""
@@ -269,11 +283,12 @@ class GalleryStore:
         gallery = self._existing(conn, name)
 
         def rows() -> Iterator[tuple[str, str, np.ndarray, str]]:
-            with conn.transaction(), conn.cursor(name="ident_export") as cursor:
+            # Binary, so each embedding comes back as the float32 bits it went in as.
+            with conn.transaction(), conn.cursor(name="ident_export", binary=True) as cursor:
                 cursor.execute(sql.SQL("SELECT subject_id, source, embedding, enrolled_at FROM {} "
                                        "ORDER BY id").format(gallery.table))
                 for subject_id, source, embedding, enrolled_at in cursor:
-                    yield subject_id, source, np.asarray(embedding, dtype=np.float32), enrolled_at.isoformat()
+                    yield subject_id, source, _loaded(embedding), enrolled_at.isoformat()
 
         return gallery, rows()
 
@@ -292,15 +307,18 @@ class GalleryStore:
     def _search(self, conn: psycopg.Connection, gallery: Gallery, vector: np.ndarray,
                 top_k: int) -> list[Candidate]:
         if gallery.indexed:
+            # The index yields at most ef_search templates, which are ranked by
+            # subject (each by its best). Subjects with several templates each
+            # fill that list faster, so a large top_k widens it.
+            nearest = max(self.ef_search, NEAREST_PER_CANDIDATE * top_k)
             with conn.transaction():
-                conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(self.ef_search)))
-                # The index yields at most ef_search templates; a subject is scored by its best.
+                conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(nearest)))
                 rows = conn.execute(
                     sql.SQL("SELECT subject_id, max(1 - distance) AS score FROM "
                             "(SELECT subject_id, embedding <=> %(probe)s AS distance FROM {} "
                             " ORDER BY embedding <=> %(probe)s LIMIT %(nearest)s) nearest "
                             "GROUP BY subject_id ORDER BY score DESC LIMIT %(k)s").format(gallery.table),
-                    {"probe": vector, "nearest": self.ef_search, "k": top_k},
+                    {"probe": vector, "nearest": nearest, "k": top_k},
                 ).fetchall()
         else:
             rows = conn.execute(
@@ -401,6 +419,12 @@ def _check_model(gallery: Gallery, model: EmbeddingModel) -> None:
             f"cannot be compared. Re-enrol its subjects into a new gallery with {model.key} "
             f"(ident gallery enroll), or run workers with {gallery.model}"
         )
+
+
+def _loaded(embedding: object) -> np.ndarray:
+    """A vector column's value as float32: pgvector-python 0.4 and newer load a Vector, older ones an ndarray."""
+    to_numpy = getattr(embedding, "to_numpy", None)
+    return np.asarray(to_numpy() if to_numpy is not None else embedding, dtype=np.float32)
 
 
 def _vector(embedding: np.ndarray, dimensions: int) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -160,6 +161,14 @@ def read_inputs(files: list[str]) -> list[bytes]:
 def cmd_submit(args) -> int:
     payloads = read_inputs(args.files)
     kinds = [args.kind or detect_kind(data) for data in payloads]
+    if args.identify is not None:
+        if args.verify or args.draw:
+            raise IdentError("--identify searches a gallery for each file: it does not go with --verify or --draw")
+        from galleries.names import checked_name
+        from ident import gallery_cli
+
+        checked_name(args.identify, "gallery name")
+        return gallery_cli.submit_identify(args, payloads, kinds)
     if args.draw and (args.verify or kinds != ["vision"]):
         raise IdentError("--draw draws the faces found in one image: give it exactly one image file, without --verify")
     if args.verify and (len(payloads) != 2 or kinds[0] != kinds[1]):
@@ -226,7 +235,8 @@ def demo_samples() -> list[tuple[str, Path]]:
         ("audio", data / "audio" / "speakers" / "librispeech_1688_01.wav"),
         ("audio", data / "audio" / "antispoof" / "spoof" / "espeak_en-us.wav"),
     ]
-    missing = [str(path) for _kind, path in samples if not path.is_file()]
+    gallery_files = [data / name for *_, enrolled, probe, stranger in GALLERY_DEMO for name in (enrolled, probe, stranger)]
+    missing = [str(path) for path in [path for _kind, path in samples] + gallery_files if not path.is_file()]
     if missing:
         raise IdentError(f"the demo's sample files are not there: {', '.join(missing)}. Point IDENT_SAMPLES_DIR at "
                          "the folder that holds images/ and audio/ (../shared/data beside the checkout)")
@@ -250,7 +260,7 @@ def _demo_answer(kind: str, result: dict) -> str:
 def cmd_demo(args) -> int:
     samples = demo_samples()
     runner = LocalFleetRunner(args)
-    with stopped_by_signals():
+    with stopped_by_signals(), embedded_gallery_database():
         try:
             return run_demo(runner, samples)
         except KeyboardInterrupt:
@@ -258,6 +268,61 @@ def cmd_demo(args) -> int:
             return 130
         finally:
             runner.stop()
+
+
+@contextlib.contextmanager
+def embedded_gallery_database():
+    """Stop the embedded PostgreSQL at the end if the demo was what started it."""
+    from galleries import embedded
+    from tasks.settings import load_settings
+
+    settings = load_settings()
+    ours = not settings.gallery_url and embedded.running_pid(settings.data_dir) is None
+    try:
+        yield
+    finally:
+        if ours:
+            embedded.stop(settings.data_dir)
+
+
+# (kind, subject, enrolled file, probe of the same subject, a stranger), under IDENT_SAMPLES_DIR.
+GALLERY_DEMO = (
+    ("vision", "barack_obama", "images/faces/barack_obama_01.jpg", "images/faces/barack_obama_02.jpg",
+     "images/faces/jennifer_aniston_01.jpg"),
+    ("audio", "librispeech_1688", "audio/speakers/librispeech_1688_01.wav", "audio/speakers/librispeech_1688_02.flac",
+     "audio/speakers/librispeech_533_01.wav"),
+)
+DEMO_GALLERY = "ident-demo"
+
+
+def run_gallery_demo(client) -> None:
+    """Enrol one person and one voice, identify another photo and recording of each and a stranger, forget."""
+    from tasks.settings import load_settings
+
+    data = load_settings().samples_dir
+    table = Table(title=f"gallery {DEMO_GALLERY!r}: enrol, identify, forget")
+    # The answers stay whole on an 80-column terminal; the file names fold.
+    table.add_column("job", no_wrap=True)
+    table.add_column("file", overflow="fold")
+    table.add_column("answer", no_wrap=True)
+    table.add_column("ms", justify="right", no_wrap=True)
+    for kind, subject, enrolled, probe, stranger in GALLERY_DEMO:
+        gallery = f"{DEMO_GALLERY}-{kind}"
+        started = time.perf_counter()
+        result = client.enroll(kind, gallery, subject, (data / enrolled).read_bytes()).get(timeout=120)
+        table.add_row(f"{kind}.enroll", Path(enrolled).name, f"{result['templates']} template(s)",
+                      f"{(time.perf_counter() - started) * 1000:.0f}")
+        for path in (probe, stranger):
+            started = time.perf_counter()
+            result = client.identify(kind, gallery, (data / path).read_bytes()).get(timeout=120)
+            answer = result["faces"][0] if kind == "vision" else result
+            score, threshold = answer["candidates"][0]["score"], result["threshold"]
+            verdict = (f"match {answer['match']} {score:.2f}" if answer["match"]
+                       else f"stranger {score:.2f} < {threshold:.2f}")
+            table.add_row(f"{kind}.identify", Path(path).name, verdict, f"{(time.perf_counter() - started) * 1000:.0f}")
+        deleted = client.forget(kind, gallery, subject).get(timeout=60)["deleted"]
+        table.add_row(f"{kind}.forget", "", f"{deleted} deleted", "")
+    console.print(table)
 
 
 def run_demo(runner: LocalFleetRunner, samples: list[tuple[str, Path]]) -> int:
@@ -285,6 +350,7 @@ def run_demo(runner: LocalFleetRunner, samples: list[tuple[str, Path]]) -> int:
         print_json(elide(result))
         summary.add_row(f"{kind}.analyze", path.name, _demo_answer(kind, result), result["execution_provider"], elapsed)
     console.print(summary)
+    run_gallery_demo(client)
     return 0
 
 
@@ -321,7 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--full", action="store_true", help="print embeddings instead of eliding them")
     submit.add_argument("--draw", metavar="OUT.jpg", help="write the image with faces drawn on it")
     submit.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each result (default: 120)")
+    submit.add_argument("--identify", metavar="GALLERY",
+                        help="search GALLERY for each file (1:N): candidates per face or voice, and the match")
+    submit.add_argument("--json", action="store_true", help="with --identify: print the raw results as JSON")
     submit.set_defaults(func=cmd_submit, parser=submit)
+
+    from ident import gallery_cli
+
+    gallery_cli.add_parser(sub)
 
     status = sub.add_parser("status", help="every worker's pool processes, devices and providers")
     status.add_argument("--json", action="store_true", help="print the replies as JSON instead of a table")

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -17,9 +18,14 @@ from ident.fleet import free_port
 pytestmark = pytest.mark.integration
 
 
+# The fleet's data folder (the demo's embedded PostgreSQL) for this module, never the user's own.
+DATA_DIR = tempfile.mkdtemp(prefix="ident-data-")
+
+
 def _env(models_path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDENT_")}
     env["IDENT_MODELS_DIR"] = str(models_path)
+    env["IDENT_DATA_DIR"] = DATA_DIR
     return env
 
 
@@ -40,6 +46,14 @@ def test_demo_runs_samples_on_an_embedded_redis(models_path):
     assert "<128 floats>" in completed.stdout
     # The summary table names each job's provider in full, even 80 columns wide.
     assert len(re.findall(r"│ (?:CUDA|CPU)ExecutionProvider +│", completed.stdout)) == 4, completed.stdout[-2000:]
+    # The galleries on the embedded PostgreSQL: each enrolled subject found again, each stranger not.
+    gallery_rows = completed.stdout[completed.stdout.index("enrol, identify, forget"):]
+    assert "match barack_obama" in gallery_rows and "match librispeech_1688" in gallery_rows, gallery_rows
+    assert gallery_rows.count("stranger") == 2, gallery_rows
+    assert gallery_rows.count("1 deleted") == 2
+    from galleries import embedded
+
+    assert embedded.running_pid(DATA_DIR) is None, "the demo stops the embedded PostgreSQL it started"
 
 
 def _up_until_ready(models_path, *options: str, ignore_sighup: bool = False) -> tuple[subprocess.Popen, str]:
