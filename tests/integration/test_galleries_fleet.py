@@ -84,8 +84,22 @@ def test_every_face_of_a_group_photo_is_searched(client, data_path, face_gallery
         assert len(face["bbox"]) == 4 and len(face["candidates"]) == 2 and "match" in face
 
 
-def test_thresholds_per_call_and_per_gallery(client, data_path, face_gallery):
+def test_thresholds_per_call_and_per_gallery(client, data_path, face_gallery, gallery_data_dir):
+    from galleries.database import Database
+    from galleries.store import GalleryStore
+
     probe = _photo(data_path, "barack_obama_02.jpg")
+    default = client.identify("vision", face_gallery, probe).get(timeout=120)["threshold"]
+    store = GalleryStore(Database("", gallery_data_dir))
+    store.set_threshold(face_gallery, 0.97)
+    try:
+        own = client.identify("vision", face_gallery, probe).get(timeout=120)
+        assert own["threshold"] == pytest.approx(0.97) and own["faces"][0]["match"] is None
+        asked = client.identify("vision", face_gallery, probe, {"threshold": default}).get(timeout=120)
+        assert asked["faces"][0]["match"] == "barack_obama", "the call's threshold wins over the gallery's"
+    finally:
+        store.set_threshold(face_gallery, None)
+        store.database.close()
     strict = client.identify("vision", face_gallery, probe, {"threshold": 0.99}).get(timeout=120)
     assert strict["threshold"] == 0.99 and strict["faces"][0]["match"] is None
     lax = client.identify("vision", face_gallery, _photo(data_path, STRANGER_PHOTOS[0]),
