@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -65,6 +65,8 @@ class Gallery:
     dimensions: int
     threshold: float | None
     indexed: bool
+    # The templates it holds, where a caller asked (identify does: the threshold depends on it).
+    templates: int | None = None
 
     @property
     def table(self) -> sql.Identifier:
@@ -140,7 +142,8 @@ class GalleryStore:
         def search(conn: psycopg.Connection) -> tuple[Gallery, list[list[Candidate]]]:
             gallery = self._existing(conn, name)
             _check_model(gallery, model)
-            return gallery, [self._search(conn, gallery, vector, top_k) for vector in vectors]
+            ranked = [self._search(conn, gallery, vector, top_k) for vector in vectors]
+            return replace(gallery, templates=self._template_count(conn, gallery)), ranked
 
         return self.database.run(search)
 
@@ -327,6 +330,21 @@ class GalleryStore:
                 {"probe": vector, "k": top_k},
             ).fetchall()
         return [Candidate(subject_id, float(score)) for subject_id, score in rows]
+
+    def _template_count(self, conn: psycopg.Connection, gallery: Gallery) -> int:
+        """How many templates the gallery holds: counted while it is small, the planner's estimate once indexed.
+
+        Counting a million rows takes tens of milliseconds, longer than the
+        search; the estimate (refreshed by autovacuum's ANALYZE) is close
+        enough for a threshold that moves with the logarithm of the size.
+        """
+        if gallery.indexed:
+            (estimate,) = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
+                                       (f"ident_templates_{gallery.id}",)).fetchone()
+            if estimate is not None and estimate >= 0:
+                return int(estimate)
+        (count,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(gallery.table)).fetchone()
+        return int(count)
 
     def _gallery_for(self, conn: psycopg.Connection, name: str, model: EmbeddingModel) -> Gallery:
         """The gallery ``name``, created for ``model`` if it does not exist; GalleryMismatch if it is another's."""

@@ -222,29 +222,29 @@ def cmd_threshold(args) -> int:
     else:
         gallery = store.gallery(args.name)
     if gallery.threshold is None:
-        default, where = default_threshold(gallery)
+        default, where = default_threshold(gallery, store.stats(args.name)["templates"])
         console.print(f"gallery {args.name!r}: no threshold of its own; identify uses {default:g} ({where})")
     else:
         console.print(f"gallery {args.name!r}: threshold {gallery.threshold:g}")
     return 0
 
 
-def default_threshold(gallery) -> tuple[float, str]:
+def default_threshold(gallery, templates: int) -> tuple[float, str]:
     """The threshold the workers use for a gallery without its own, and where it comes from."""
+    from galleries.thresholds import default_threshold as workers_default
     from models.catalog import CATALOG
     from tasks.settings import load_settings
 
-    settings = load_settings()
-    variable, configured = (("IDENT_FACE_IDENTIFY_THRESHOLD", settings.face_identify_threshold)
-                            if gallery.modality == "vision" else
-                            ("IDENT_SPEAKER_IDENTIFY_THRESHOLD", settings.speaker_identify_threshold))
-    if configured is not None:
-        return float(configured), f"{variable}, if the workers have the same setting"
     spec = CATALOG.get(gallery.model)
     if spec is None:
         return math.nan, f"the catalog of the workers that run {gallery.model}"
-    key = "identify_threshold" if "identify_threshold" in spec.params else "match_threshold"
-    return float(spec.params[key]), f"the catalog's {key} for {gallery.model}"
+    value, basis = workers_default(spec.params, gallery.modality, load_settings(), templates)
+    if basis["source"] == "target_fpir":
+        where = (f"FPIR {basis['target_fpir']:g} at its {templates} templates, IDENT_GALLERY_TARGET_FPIR; "
+                 "it rises as the gallery grows")
+    else:
+        where = basis["source"]
+    return value, f"{where}, if the workers have this host's settings"
 
 
 def _progress() -> Progress:

@@ -112,6 +112,10 @@ CATALOG: dict[str, ModelSpec] = {
                 # Cosine threshold for same_person: the labelled pairs of ../shared/data
                 # widened with other people's photos (docs/vision.md).
                 "match_threshold": 0.35,
+                # Impostor cosine (mean, sd) that galleries set their open-set threshold
+                # from (docs/galleries.md, "Thresholds"): each pair of people weighing the
+                # same, sd widened to the 0.116 of other people's photos (docs/vision.md).
+                "impostor_scores": (0.012, 0.116),
             },
         ),
         ModelSpec(
@@ -241,6 +245,9 @@ CATALOG: dict[str, ModelSpec] = {
                 },
                 "cmn": True,
                 "match_threshold": 0.45,
+                # Pooled over every pair (the per-pair fit underestimated FPIR on our
+                # own searches, docs/galleries.md, "Thresholds").
+                "impostor_scores": (0.060, 0.122),
                 "warmup_shapes": {"feature": (1, 200, 80)},
             },
         ),

@@ -225,9 +225,12 @@ class Settings:
     gallery_index_min_templates: int = 20_000
     # HNSW's candidate list per search: recall@1 >= 0.99 at 1e6 templates (docs/benchmarks.md).
     gallery_ef_search: int = 100
-    # Open-set thresholds of identify; None means the catalog's, calibrated per model.
+    # Open-set thresholds of identify. None: the threshold at which a gallery of
+    # its size keeps the false-positive identification rate at IDENT_GALLERY_TARGET_FPIR,
+    # from the model's calibrated impostor scores (galleries/thresholds.py).
     face_identify_threshold: float | None = None
     speaker_identify_threshold: float | None = None
+    gallery_target_fpir: float = 0.01
     # Flower's basic auth for `ident up --flower`, user:password; a user alone
     # gets a random password, printed at start.
     flower_auth: str = "admin"
@@ -298,6 +301,11 @@ class Settings:
         for name in ("gallery_index_min_templates", "gallery_ef_search"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{env_name(name)} must be at least 1")
+        if not 0 < self.gallery_target_fpir < 1:
+            raise ConfigurationError(
+                f"IDENT_GALLERY_TARGET_FPIR={self.gallery_target_fpir} is not valid: it is a rate above 0 and below 1, "
+                "such as 0.01 (one stranger in a hundred matched)"
+            )
         for name in ("gallery_min_speech_s", "gallery_min_face_px"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ConfigurationError(f"{env_name(name)} must be a finite number of 0 or more")

@@ -12,8 +12,10 @@ What a job does
 Thresholds
     The open-set threshold is, first found: the call's ``options.threshold``,
     the gallery's own (``ident gallery threshold``), IDENT_FACE_IDENTIFY_THRESHOLD
-    or IDENT_SPEAKER_IDENTIFY_THRESHOLD, the catalog's ``identify_threshold``
-    for the model (calibrated as an FPIR, docs/galleries.md).
+    or IDENT_SPEAKER_IDENTIFY_THRESHOLD, else the one that keeps the gallery's
+    false-positive identification rate at IDENT_GALLERY_TARGET_FPIR for its
+    size (galleries/thresholds.py, from the catalog's impostor scores; never
+    below the model's 1:1 match threshold). ``threshold_basis`` says which.
 
 The database is reached on the first gallery job, not at start: a worker that
 never sees one needs no database. When it is unreachable the job fails with
@@ -33,6 +35,7 @@ import numpy as np
 from galleries.database import Database
 from galleries.names import checked_name
 from galleries.store import MAX_TOP_K, Candidate, EmbeddingModel, GalleryStore
+from galleries.thresholds import default_threshold
 from tasks.errors import EnrollmentRefused, InvalidInput, NoSpeechFound
 
 IDENTIFY_OPTIONS = {
@@ -112,10 +115,10 @@ class GalleryJobs:
         t0 = time.perf_counter()
         found, ranked = self.store.identify(gallery, probes, self.model(self._dimensions(probes)), top_k)
         timings["search"] = _ms(t0)
-        threshold = float(asked_threshold if asked_threshold is not None else
-                          found.threshold if found.threshold is not None else self.default_threshold())
+        threshold, basis = self.threshold(asked_threshold, found.threshold, found.templates)
         timings["total"] = _ms(started)
-        result = {"gallery": gallery, "threshold": threshold, "model": self.spec.key, "timings_ms": timings}
+        result = {"gallery": gallery, "threshold": threshold, "threshold_basis": basis, "model": self.spec.key,
+                  "timings_ms": timings}
         if self.kind == "vision":
             result["faces"] = [
                 {"bbox": face["bbox"], "score": face["score"], **_verdict(candidates, threshold)}
@@ -150,13 +153,13 @@ class GalleryJobs:
                 self._sha256 = digest.hexdigest()
         return self._sha256
 
-    def default_threshold(self) -> float:
-        configured = (self.settings.face_identify_threshold if self.kind == "vision"
-                      else self.settings.speaker_identify_threshold)
-        if configured is not None:
-            return float(configured)
-        params = self.spec.params
-        return float(params.get("identify_threshold", params["match_threshold"]))
+    def threshold(self, asked: float | None, own: float | None, templates: int) -> tuple[float, dict]:
+        """The open-set threshold of a search, and what it was set by."""
+        if asked is not None:
+            return float(asked), {"source": "call"}
+        if own is not None:
+            return float(own), {"source": "gallery"}
+        return default_threshold(self.spec.params, self.kind, self.settings, templates)
 
     def status(self) -> dict:
         """Where the database is and whether the last use of it worked, for status and readiness."""

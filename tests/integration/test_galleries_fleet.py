@@ -66,6 +66,8 @@ def test_enrolled_people_are_identified_from_other_photos(client, data_path, fac
         scores = [c["score"] for c in face["candidates"]]
         assert scores == sorted(scores, reverse=True) and len(scores) == len(ENROLLED_PEOPLE)
         assert result["execution_provider"] and result["timings_ms"]["search"] >= 0
+        assert result["threshold_basis"] == {"source": "target_fpir", "target_fpir": 0.01,
+                                             "templates": len(ENROLLED_PEOPLE)}
 
 
 def test_strangers_get_no_match(client, data_path, face_gallery):
