@@ -18,31 +18,10 @@ from ident import bench, doctor
 from ident.fleet import make_client, stopped_by_signals
 from ident.local_fleet import LocalFleetRunner
 from tasks.errors import IdentError, ModelUnavailable
-from workers.formats import describe
+from workers.formats import detect_kind
 
 console = Console()
 err_console = Console(stderr=True)
-
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"BM")
-AUDIO_MAGIC = (b"fLaC", b"OggS", b"ID3", b"FORM", b".snd")
-
-
-# --- helpers ---------------------------------------------------------------------
-
-
-def detect_kind(data: bytes) -> str:
-    """'vision' or 'audio' from the content's magic bytes, not the file name."""
-    if data.startswith(IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
-        return "vision"
-    if data.startswith(AUDIO_MAGIC) or (data[:4] in (b"RIFF", b"RIFX", b"RF64") and data[8:12] == b"WAVE"):
-        return "audio"
-    if len(data) > 1 and data[0] == 0xFF and (data[1] & 0xE0) == 0xE0:  # MPEG audio frame sync
-        return "audio"
-    raise IdentError(
-        f"cannot tell whether this is an image or audio from its content ({describe(data)}): "
-        "pass --kind vision|audio"
-    )
-
 
 def elide(value, full: bool = False):
     """Results with embeddings shortened for a terminal."""

@@ -349,7 +349,7 @@ def subject_of(directory: Path, path: Path) -> str:
 def plan(directory: Path, kind: str | None, report: Report) -> list[Item]:
     """Every file to enrol, with its subject and kind; the rest goes to ``report.ignored``."""
     from galleries.names import checked_name
-    from ident.cli import detect_kind
+    from workers.formats import detect_kind
     from tasks.errors import InvalidInput
 
     if not directory.is_dir():

@@ -23,6 +23,14 @@ from tasks.errors import IdentError
 err_console = Console(stderr=True)
 
 
+def metrics_ports(port: int) -> dict[str, int]:
+    """The port of each worker of a local fleet for IDENT_METRICS_PORT=port: two workers on one host
+    cannot share one, so vision gets it and audio the next (the one before, at 65535); {} when off."""
+    if not port:
+        return {}
+    return {"vision": port, "audio": port + 1 if port < 65535 else port - 1}
+
+
 class LocalFleetRunner:
     """The fleet `ident up` and `ident demo` run: Redis, one worker per kind, Flower."""
 
@@ -61,10 +69,13 @@ class LocalFleetRunner:
             env["IDENT_REDIS_URL"] = self.redis.url
             os.environ["IDENT_REDIS_URL"] = self.redis.url
             err_console.print(f"embedded redis-server at {self.redis.url}")
+        ports = metrics_ports(load_settings().metrics_port)
         with err_console.status("starting workers and loading models..."):
             self.workers = [
-                start_worker("vision", env, self.args.vision_concurrency, name="vision@local"),
-                start_worker("audio", env, self.args.audio_concurrency, name="audio@local"),
+                start_worker(kind, {**env, **({"IDENT_METRICS_PORT": str(ports[kind])} if ports else {})},
+                             concurrency, name=f"{kind}@local")
+                for kind, concurrency in (("vision", self.args.vision_concurrency),
+                                          ("audio", self.args.audio_concurrency))
             ]
             client = IdentClient()
             wait_until_ready(client.app, self.workers, timeout=self.args.ready_timeout)
@@ -72,6 +83,8 @@ class LocalFleetRunner:
             self.flower = self._start_flower(env)
         for worker in self.workers:
             err_console.print(f"{worker.name}: log {worker.log_path}")
+        for kind, port in ports.items():
+            err_console.print(f"{kind}@local: metrics at http://127.0.0.1:{port}/metrics, health on /healthz and /readyz")
         return client
 
     def _start_flower(self, env: dict) -> subprocess.Popen:

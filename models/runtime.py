@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -201,9 +202,14 @@ class ModelSession:
         self.runs = 0
         # Called after the model moved to the CPU, so that status shows it at once.
         self.on_device_change: Callable[[], None] | None = None
+        # Called after each run with (this session, the run's seconds, its rows):
+        # the worker's metrics (workers/metrics.py) set it once the process is ready.
+        self.on_run: Callable[["ModelSession", float, int], None] | None = None
+        self._first_input: str | None = None
 
     def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray],
             stage: str = "running a job") -> list[np.ndarray]:
+        started = time.perf_counter()
         try:
             outputs = self._session.run(output_names, input_feed)
         except Exception as exc:  # ORT raises its own unexported exception types
@@ -211,7 +217,9 @@ class ModelSession:
             if failure is None:
                 raise
             self._leave_cuda(failure, stage)
+            started = time.perf_counter()  # the run that produced the outputs, on the CPU
             outputs = self._session.run(output_names, input_feed)
+        seconds = time.perf_counter() - started
         self.runs += 1
         # ORT may drop an execution provider after a failure at run time; the
         # provider reported with a result must be the one that produced it.
@@ -220,6 +228,10 @@ class ModelSession:
             self.cpu_reason = f"ONNX Runtime dropped the CUDA execution provider at run time (now {provider})"
             self.reason_code = "cuda_dropped"
         self.provider = provider
+        if self.on_run is not None:
+            if self._first_input is None:
+                self._first_input = next((node.name for node in self._session.get_inputs()), "")
+            self.on_run(self, seconds, rows_in(input_feed, self._first_input))
         return outputs
 
     def _leave_cuda(self, failure: CudaFailure, stage: str) -> None:
@@ -262,6 +274,15 @@ class ModelSession:
             "reason": self.reason_code,
             "message": None if self.provider == CUDA_EP else self.cpu_reason,
         }
+
+
+def rows_in(input_feed: Mapping[str, np.ndarray], first_input: str | None = None) -> int:
+    """The rows of one run: the leading dimension of the model's first input (1 for a scalar or none)."""
+    value = input_feed.get(first_input) if first_input is not None else None
+    if value is None:
+        value = next(iter(input_feed.values()), None)
+    shape = getattr(value, "shape", ())
+    return int(shape[0]) if len(shape) else 1
 
 
 def model_path(spec: ModelSpec, models_dir: Path) -> Path:

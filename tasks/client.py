@@ -7,6 +7,7 @@ passes large payloads by reference, and gives the fleet-wide status broadcast.
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from celery import Celery
@@ -32,9 +33,14 @@ class IdentClient:
         return {contract.PAYLOAD_REF_FIELD: key}
 
     def _send(self, name: str, *args) -> AsyncResult:
+        arguments = [self._argument(a) for a in args]
         # argsrepr keeps payload bytes out of worker logs and monitoring events.
+        # The send time, taken once the payloads are in Redis, is what the
+        # workers measure a job's queue wait from (ident_queue_wait_seconds):
+        # Celery's own messages carry none.
         return self.app.send_task(
-            name, args=[self._argument(a) for a in args], argsrepr=f"<{len(args)} arguments>"
+            name, args=arguments, argsrepr=f"<{len(args)} arguments>",
+            headers={contract.SENT_AT_HEADER: time.time()},
         )
 
     def analyze_image(self, image: bytes, options: dict | None = None) -> AsyncResult:

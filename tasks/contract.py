@@ -48,6 +48,12 @@ MODEL_STATUS_COMMAND = "model_status"
 PAYLOAD_REF_FIELD = "payload_ref"
 PAYLOAD_KEY_PREFIX = "ident:payload:"
 
+# A message header the producer client (tasks/client.py) sets to its wall-clock
+# send time, in seconds since the epoch: the worker measures a job's queue wait
+# (ident_queue_wait_seconds) from it. Celery's protocol carries no send time;
+# a producer that does not set it gets its wait measured from the worker's receipt.
+SENT_AT_HEADER = "ident_sent_at"
+
 # Execution provider names as ONNX Runtime spells them.
 CUDA_EP_NAME = "CUDAExecutionProvider"
 CPU_EP_NAME = "CPUExecutionProvider"

@@ -234,6 +234,10 @@ class Settings:
     # Flower's basic auth for `ident up --flower`, user:password; a user alone
     # gets a random password, printed at start.
     flower_auth: str = "admin"
+    # Each worker's main process serves /metrics (Prometheus), /healthz and
+    # /readyz on this port (docs/operations.md, "Metrics and health"); 0 = off.
+    # Two workers on one host need two ports.
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -309,6 +313,11 @@ class Settings:
         for name in ("gallery_min_speech_s", "gallery_min_face_px"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ConfigurationError(f"{env_name(name)} must be a finite number of 0 or more")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigurationError(
+                f"IDENT_METRICS_PORT={self.metrics_port} is not valid: it is a TCP port from 1 to 65535 "
+                "(9808, say), or 0 for no metrics and health endpoints"
+            )
         for name in ("max_audio_seconds", "process_init_timeout"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigurationError(f"{env_name(name)} must be a positive number")

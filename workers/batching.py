@@ -27,7 +27,7 @@ from celery import signals
 from celery.exceptions import Reject
 
 from tasks.settings import load_settings
-from workers import celery_internals
+from workers import celery_internals, metrics
 from workers.celery_internals import release_unstored
 from workers.job_input import forget_unstored
 from workers.runtime import PROCESS, current_runtime
@@ -50,6 +50,11 @@ class BatchItem:
     task_id: str
     args: tuple
     kwargs: dict
+    # For the metrics (workers/metrics.py): the queue it came from, the
+    # producer's send time (if it sent one) and the worker's receipt time.
+    queue: str | None = None
+    sent_at: object = None
+    received_at: object = None
 
 
 def batching_strategy(task, app, consumer, **kwargs):
@@ -79,7 +84,7 @@ def batching_strategy(task, app, consumer, **kwargs):
 
     def dispatch(requests: list) -> bool:
         """Hand ``requests`` to the pool as one job; False when the pool is shutting down."""
-        items = [BatchItem(r.id, tuple(r.args), dict(r.kwargs)) for r in requests]
+        items = [BatchItem(r.id, tuple(r.args), dict(r.kwargs), *celery_internals.job_clock(r)) for r in requests]
 
         def on_accepted(pid, time_accepted):
             for request in requests:
@@ -117,6 +122,7 @@ def batching_strategy(task, app, consumer, **kwargs):
             for request in requests:
                 request.release_keys()
                 task.backend.mark_as_failure(request.id, exception)
+                metrics.job_ended(task.name, None, exception, celery_internals.job_clock(request)[2])
                 request.acknowledge()
                 celery_internals.ready(request)
 
@@ -152,9 +158,15 @@ def batching_strategy(task, app, consumer, **kwargs):
 
 
 def run_batch(task_name: str, items: list[BatchItem]) -> int:
-    """In a pool process: run the jobs of one batch and store each job's result."""
+    """In a pool process: run the jobs of one batch and store each job's result.
+
+    A batch runs outside Celery's tracer, so no task_prerun or task_postrun
+    fires for its jobs: each job's metrics are recorded here.
+    """
     task = PROCESS.app.tasks[task_name]
     started = time.perf_counter()
+    for item in items:
+        metrics.job_started(None, item.queue, item.sent_at, item.received_at)
     try:
         outcomes = task.run_many(items)
     except BaseException:
@@ -170,6 +182,7 @@ def run_batch(task_name: str, items: list[BatchItem]) -> int:
         else:
             task.backend.mark_as_done(item.task_id, outcome)
         forget_unstored(task, item.task_id)
+        metrics.job_ended(task_name, None, outcome if isinstance(outcome, BaseException) else None, item.received_at)
     current_runtime().free_since = time.time()
     log.info("%s batch of %d jobs done in %.1f ms", task_name, len(items), (time.perf_counter() - started) * 1000)
     return len(items)

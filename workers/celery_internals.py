@@ -15,12 +15,16 @@ written against: an upgrade that moves one fails there, loudly, first.
   in one atomic round trip (``RedisBackend._store_result``);
 * the pieces of a task strategy that micro-batching needs
   (``create_request_cls``, the worker state's reserved/accepted/ready);
+* what the metrics read of the main process (workers/metrics.py): the jobs
+  the worker holds (the worker state's ``requests``), each job's receipt time
+  (stamped by :class:`FleetRequest`) and the pool's processes (billiard's ``Pool._pool``, ``_processes``);
 * :func:`install`: the tracer's and the request's ``saferepr`` given redacted values.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 from celery.app import trace
@@ -35,6 +39,7 @@ from celery.worker.request import Request, create_request_cls
 from celery.worker.strategy import default as default_strategy
 from kombu.utils.encoding import bytes_to_str
 
+from tasks.contract import SENT_AT_HEADER
 from tasks.settings import load_settings
 from workers.jobkeys import STORE_RESULT, job_keys
 from workers.logsafety import redact_argument, redact_arguments, redacted_saferepr
@@ -44,6 +49,9 @@ log = logging.getLogger(__name__)
 POOL = f"{__name__}:TaskPool"
 RESULT_BACKEND = f"{__name__}:FleetResultBackend"
 REQUEST = f"{__name__}:FleetRequest"
+# When the worker's main process received a job (seconds since the epoch), in
+# the job's request: the pool process reads it as ``task.request.ident_received_at``.
+RECEIVED_AT = "ident_received_at"
 
 
 def install() -> None:
@@ -218,7 +226,14 @@ class FleetRequest(SafeRequest):
     revoked or expired before it ran (``task_revoked``, workers/wiring.py).
     None of them runs again, so the job's keys go with that result instead of
     lingering until they expire.
+
+    It is made as the main process receives the job, and stamps that time in
+    the request that the pool process gets (``ident_job_seconds`` runs from it).
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._request_dict[RECEIVED_AT] = time.time()
 
     def release_keys(self) -> None:
         release_with_result(self.task.backend, self.id, job_keys(self.id, self.args, self.kwargs))
@@ -321,3 +336,52 @@ def accepted(request) -> None:
 
 def ready(request) -> None:
     worker_state.task_ready(request)
+
+
+# --- what the metrics read of the worker (workers/metrics.py, workers/health_server.py) ---------
+
+
+def job_clock(request) -> tuple[str | None, object, object]:
+    """(queue, the producer's send time or None, the worker's receipt time) of a job the main process holds."""
+    headers = request.request_dict
+    return (request.delivery_info or {}).get("routing_key"), headers.get(SENT_AT_HEADER), headers.get(RECEIVED_AT)
+
+
+def held_job_queues() -> list[str | None]:
+    """The queue of every job this worker holds: received and not yet ended (prefetched, held for a
+    batch, scheduled for an ETA, in a pool process's pipe or running); the main process's view.
+
+    Read from another thread than the worker's event loop: the copy of the
+    dictionary is one step under the GIL, and one that changes meanwhile is read again.
+    """
+    for _ in range(5):
+        try:
+            requests = list(worker_state.requests.values())
+            break
+        except RuntimeError:  # changed size while being copied
+            continue
+    else:
+        return []
+    return [(getattr(request, "delivery_info", None) or {}).get("routing_key") for request in requests]
+
+
+def pool_processes(worker) -> tuple[list[int], int] | None:
+    """(the pids of the worker's prefork pool processes, how many it should have), ([], 0) while the
+    pool is starting; None for a pool without child processes (solo, threads), whose jobs run in
+    the main process itself.
+
+    Read from billiard's own ``Pool._pool`` (the processes) and ``Pool._processes``
+    (its size, which ``--autoscale`` changes): between a process's death and its
+    replacement's start the list is one short. ``TaskPool.info`` lists the
+    processes too, but also computes write statistics over structures that the
+    event loop changes meanwhile.
+    """
+    pool = getattr(worker, "pool", None)
+    if pool is None:
+        return [], 0
+    if not isinstance(pool, prefork.TaskPool):
+        return None
+    processes = getattr(pool._pool, "_pool", None)
+    if processes is None:
+        return [], 0
+    return [process.pid for process in list(processes) if process.pid], int(pool._pool._processes)

@@ -1,4 +1,4 @@
-"""What a payload that no decoder here accepts looks like, from its first bytes.
+"""What a payload is, from its first bytes: which worker takes it, and what an unaccepted one looks like.
 
 Both workers use it in their refusals, so that a client that sent a phone's
 voice memo to the audio queue, or a GIF to the vision queue, learns what it
@@ -7,6 +7,8 @@ other payload bytes reach a message or a log.
 """
 
 from __future__ import annotations
+
+from tasks.errors import IdentError
 
 _SIGNATURES = (
     (b"\xff\xd8\xff", "a JPEG image"),
@@ -54,3 +56,22 @@ def describe(data: bytes) -> str:
     if len(data) > 1 and data[0] == 0xFF and (data[1] & 0xF6) == 0xF0:
         return "it looks like a raw AAC audio stream in ADTS framing"
     return f"it starts with bytes {data[:4].hex(' ')}"
+
+
+# What `ident submit` and `ident gallery enroll` tell a photo from a recording by.
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"BM")
+AUDIO_MAGIC = (b"fLaC", b"OggS", b"ID3", b"FORM", b".snd")
+
+
+def detect_kind(data: bytes) -> str:
+    """'vision' or 'audio' from the content's magic bytes, not the file name."""
+    if data.startswith(IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        return "vision"
+    if data.startswith(AUDIO_MAGIC) or (data[:4] in (b"RIFF", b"RIFX", b"RF64") and data[8:12] == b"WAVE"):
+        return "audio"
+    if len(data) > 1 and data[0] == 0xFF and (data[1] & 0xE0) == 0xE0:  # MPEG audio frame sync
+        return "audio"
+    raise IdentError(
+        f"cannot tell whether this is an image or audio from its content ({describe(data)}): "
+        "pass --kind vision|audio"
+    )

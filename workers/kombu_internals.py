@@ -42,12 +42,15 @@ each against the installed kombu): ``TRANSPORT_ALIASES`` and ``_transport_cache`
 ``Channel.conn_or_acquire``,
 ``_create_client``, ``_brpop_start``/``_brpop_read``, ``_queue_cycle``,
 ``_in_poll``, ``_flush_brpop_reauth``, ``connection._deliver``, and
-``QoS.append``/``restore_visible``/``pipe_or_acquire``/``_vrestore_count``.
+``QoS.append``/``restore_visible``/``pipe_or_acquire``/``_vrestore_count``; and, for the
+lists that :func:`queued_job_lists` names (``ident_queue_length``, workers/scrape_gauges.py),
+how kombu names a priority sub-list (``Channel.sep``, ``PRIORITY_STEPS``) and ``Channel.unacked_key``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from contextlib import contextmanager
 from queue import Empty
 from time import monotonic, time
@@ -150,7 +153,7 @@ class Channel(kombu_redis.Channel):
         yield reused
 
     def handover_key(self, queue: str) -> str:
-        return f"{self.unacked_key}:handover:{queue}"
+        return handover_key(self.unacked_key, queue)
 
     @cached_property
     def server_has_blmove(self) -> bool:
@@ -249,6 +252,40 @@ class Channel(kombu_redis.Channel):
                 if moved:
                     logger.warning("%d %s job(s) moved from kombu priority lists onto the queue: the fleet "
                                    "reads one list per queue (priorities are not supported)", moved, queue)
+
+
+def handover_key(unacked_key: str, queue: str) -> str:
+    """The hand-over list of ``queue``'s consumers (one per queue, shared by every worker on it)."""
+    return f"{unacked_key}:handover:{queue}"
+
+
+def queued_job_lists(queue: str, transport_options: Mapping | None = None) -> list[str]:
+    """Every Redis list that holds jobs of ``queue`` that no worker holds: what ``ident_queue_length`` sums.
+
+    * the queue's own list, where the fleet's producers put every job;
+    * kombu's priority sub-lists, named as kombu names them (the queue, its
+      ``sep``, a step of ``PRIORITY_STEPS``: ``vision\x06\x163``), where a
+      stock kombu producer that sends a priority puts its jobs; the
+      unacknowledged-job sweep moves them onto the queue (the fleet reads one list);
+    * the queue's hand-over list. A job is there for the instant between a
+      consumer's ``BLMOVE`` and its unacknowledged record, or, when that
+      consumer died in between, until the sweep puts it back on the queue
+      after the visibility timeout: either way no live worker counts it as in
+      progress, and it still has to be served, so it counts as queued.
+
+    Jobs a worker has taken (kombu's ``unacked`` hash) are that worker's, in
+    its ``ident_jobs_in_progress``; a dead worker's are in neither until the
+    sweep puts them back. ``transport_options`` are Celery's
+    ``broker_transport_options``, which may rename the separator, the
+    unacknowledged key or prefix every key.
+    """
+    options = transport_options or {}
+    sep = options.get("sep", Channel.sep)
+    unacked_key = options.get("unacked_key", Channel.unacked_key)
+    prefix = options.get("global_keyprefix") or ""
+    lists = [queue, *(f"{queue}{sep}{step}" for step in kombu_redis.PRIORITY_STEPS if step),
+             handover_key(unacked_key, queue)]
+    return [f"{prefix}{key}" for key in lists]
 
 
 class Transport(kombu_redis.Transport):

@@ -21,6 +21,7 @@ from celery.utils.log import current_process_index
 from tasks.contract import CPU_EP_NAME, CUDA_EP_NAME, DEVICE_FIELD, EXECUTION_PROVIDER_FIELD
 from tasks.errors import DeviceUnavailable, IdentError
 from tasks.settings import Settings, load_settings
+from workers import metrics
 from workers import status as status_files
 
 # Builds a kind's pipeline from its sessions, specs and settings.
@@ -177,5 +178,7 @@ def current_runtime() -> WorkerRuntime:
             raise RuntimeError("this process is not a worker: start it with `celery -A workers.<kind> worker`")
         runtime = PROCESS.runtime = WorkerRuntime(identity.kind, load_settings(), current_process_index(base=0) or 0,
                                                   identity.pool_processes)
+        # Each model's ident_model_info, and every run timed from now on (IDENT_METRICS_PORT).
+        metrics.watch_models(runtime.sessions.values())
         runtime.publish_status(force=True)
     return runtime

@@ -10,6 +10,11 @@
 3. Each pool process publishes its status to a small file (workers/status.py);
    the ``model_status`` control command, which runs in the main process, reads
    those files for the pool's live processes.
+4. With ``IDENT_METRICS_PORT`` set, the main process serves /metrics, /healthz
+   and /readyz (workers/health_server.py) from start-up on; each job's start and
+   end (``task_prerun``, ``task_postrun``, and ``task_failure`` for the jobs the
+   main process ends itself) and each model run are recorded where they happen
+   (workers/metrics.py), and an exiting pool process takes its live series along.
 """
 
 from __future__ import annotations
@@ -26,14 +31,15 @@ from celery.platforms import EX_FAILURE
 from celery.worker.control import inspect_command
 
 from tasks.app import make_app
-from tasks.contract import MODEL_STATUS_COMMAND
+from tasks.contract import MODEL_STATUS_COMMAND, SENT_AT_HEADER
 from tasks.errors import ConfigurationError, DeviceUnavailable, IdentError, ModelUnavailable
 from tasks.settings import Settings, load_settings
-from workers import celery_internals, kombu_internals, logsafety
+from workers import celery_internals, health_server, kombu_internals, logsafety, metrics
 from workers import status as status_files
 from workers.job_input import forget, forget_unstored
 from workers.jobkeys import job_keys
 from workers.runtime import PROCESS, PipelineFactory, current_runtime
+from workers.scrape_gauges import WorkerGauges
 from workers.tasks import define_tasks
 
 log = logging.getLogger(__name__)
@@ -83,12 +89,14 @@ def _on_worker_setup(sender, instance, conf, **kwargs) -> None:
         log.warning("%s", warning)
     try:
         _preflight(kind, settings)
+        status_files.fresh_status_dir(identity)
+        if settings.metrics_port:
+            _serve_metrics_and_health(instance, settings)
     except IdentError as exc:
         log.critical("the %s worker cannot serve: %s", kind, exc)
         # Celery logs and swallows an Exception from a signal handler; the
         # worker must not start, so leave with SystemExit, which it lets through.
         raise SystemExit(f"the {kind} worker refused to start: {exc}") from None
-    status_files.fresh_status_dir(identity)
 
 
 def _preflight(kind: str, settings: Settings) -> None:
@@ -111,6 +119,36 @@ def _preflight(kind: str, settings: Settings) -> None:
             reason = probe_pool.apply(cuda_reason, (settings.gpu_ids,))
         if reason:
             raise DeviceUnavailable(f"IDENT_DEVICE=cuda but CUDA cannot be used: {reason}")
+
+
+# The main process's health server and its readiness checks, once started.
+_health: dict = {}
+
+
+def _serve_metrics_and_health(worker, settings: Settings) -> None:
+    """/metrics, /healthz and /readyz on IDENT_METRICS_PORT, from now on (before the pool forks,
+    so that every pool process records into the worker's multiprocess folder)."""
+    identity = PROCESS.identity
+    metrics.enable(metrics.metrics_folder(status_files.status_dir(identity)))
+    metrics.declare([name for name in worker.app.tasks if name.startswith(f"{identity.kind}.")],
+                    worker.app.amqp.queues.consume_from)
+    client = health_server.redis_probe_client(settings)
+    gauges = WorkerGauges(worker.app.amqp.queues.consume_from, client, celery_internals.held_job_queues,
+                          worker.app.conf.broker_transport_options)
+    registry = metrics.scrape_registry(gauges)
+    readiness = health_server.Readiness(identity, lambda: celery_internals.pool_processes(worker), client)
+    try:
+        server = health_server.HealthServer(settings.metrics_port, lambda: metrics.exposition(registry),
+                                            readiness.problems)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"IDENT_METRICS_PORT={settings.metrics_port}: the worker cannot listen on that port ({exc.strerror}); "
+            "another process (another worker on this host?) may hold it: give each worker a port of its own"
+        ) from None
+    server.start()
+    _health.update(server=server, readiness=readiness)
+    log.info("metrics on http://%s:%d/metrics, health on /healthz and /readyz", health_server.BIND_ADDRESS,
+             server.port)
 
 
 def cuda_reason(device_ids: tuple[int, ...]) -> str | None:
@@ -145,6 +183,9 @@ def model_status(state, **kwargs) -> dict:
 def _on_process_init(**kwargs) -> None:
     if PROCESS.identity.kind is None:
         return
+    if "server" in _health:
+        _health.pop("server").close_in_child()
+        _health.clear()
     try:
         runtime = current_runtime()
     except Exception as exc:  # noqa: BLE001 -- any of them leaves this process without models
@@ -170,6 +211,40 @@ def _on_process_init(**kwargs) -> None:
         runtime.providers()[0],
         runtime.allocator,
     )
+
+
+@signals.task_prerun.connect
+def _on_job_start(task_id=None, task=None, **kwargs) -> None:
+    if PROCESS.identity.kind is None or not metrics.enabled() or task is None:
+        return
+    request = task.request
+    metrics.job_started(task_id, (request.delivery_info or {}).get("routing_key") or PROCESS.identity.kind,
+                        getattr(request, SENT_AT_HEADER, None), getattr(request, celery_internals.RECEIVED_AT, None))
+
+
+@signals.task_postrun.connect
+def _on_job_end(task_id=None, task=None, state=None, retval=None, **kwargs) -> None:
+    """A job that ran here ended (its result is stored), or left without an end (put back, retried)."""
+    if PROCESS.identity.kind is None or not metrics.enabled() or task is None:
+        return
+    received_at = getattr(task.request, celery_internals.RECEIVED_AT, None)
+    if state == "SUCCESS":
+        metrics.job_ended(task.name, task_id, None, received_at)
+    elif state == "FAILURE":
+        metrics.job_ended(task.name, task_id, retval if isinstance(retval, BaseException) else "unknown", received_at)
+    else:
+        metrics.job_not_ended(task_id)
+
+
+@signals.task_failure.connect
+def _on_job_failed_in_main(sender=None, task_id=None, exception=None, **kwargs) -> None:
+    """A failure the main process stores itself (a hard time limit, say): no task_postrun comes for it."""
+    if PROCESS.identity.kind is None or not metrics.enabled() or sender is None:
+        return
+    if os.getpid() != PROCESS.identity.main_pid or metrics.runs_here(task_id):
+        return  # a job's tracer counts it at task_postrun
+    metrics.job_ended(sender.name, task_id, exception if isinstance(exception, BaseException) else "unknown",
+                      getattr(sender.request, celery_internals.RECEIVED_AT, None))
 
 
 @signals.task_postrun.connect
@@ -215,9 +290,20 @@ def _stop_the_worker(exc: IdentError) -> None:
 
 @signals.worker_process_shutdown.connect
 def _on_process_shutdown(pid=None, **kwargs) -> None:
-    if PROCESS.identity.kind is None or PROCESS.load_failure is not None:
+    if PROCESS.identity.kind is None:
+        return
+    metrics.process_exited(pid or os.getpid())
+    if PROCESS.load_failure is not None:
         return  # a failed process's status stays, for the worker's exit status
     status_files.remove_status_file(PROCESS.identity, pid or os.getpid())
+
+
+@signals.worker_shutting_down.connect
+def _on_worker_shutting_down(**kwargs) -> None:
+    """/readyz says 503 from the moment a shutdown starts: no new traffic for a stopping worker."""
+    readiness = _health.get("readiness")
+    if readiness is not None:
+        readiness.stopping = True
 
 
 @signals.worker_shutdown.connect
@@ -225,6 +311,9 @@ def _on_worker_shutdown(sender=None, **kwargs) -> None:
     """A worker stopped by a pool process that could not load its models exits with 1, not 0."""
     if PROCESS.identity.kind is None or sender is None:
         return
+    server = _health.pop("server", None)
+    if server is not None:
+        server.stop()
     if status_files.any_failed(PROCESS.identity):
         sender.exitcode = EX_FAILURE
 

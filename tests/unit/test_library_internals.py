@@ -156,6 +156,13 @@ def test_every_celery_internal_the_fleet_uses_is_there():
     assert hasattr(request, "saferepr") and hasattr(trace, "saferepr")
     for name in ("task_reserved", "task_accepted", "task_ready"):
         assert callable(getattr(state, name)), name
+    # The jobs a worker holds, and its pool's processes, as the metrics read them.
+    assert isinstance(state.requests, dict)
+    assert "self._pool" in inspect.getsource(prefork.TaskPool.on_start)
+    from billiard.pool import Pool as BilliardPool
+    assert "self._pool = []" in inspect.getsource(BilliardPool.__init__)
+    assert "self._processes = " in inspect.getsource(BilliardPool.__init__)
+    assert "self._processes += 1" in inspect.getsource(BilliardPool.grow)
     assert callable(strategy.default)
     for name in ("_store_result", "_get_result_meta", "get_key_for_task", "ensure", "encode", "_MAX_STR_VALUE_SIZE"):
         assert hasattr(RedisBackend, name), name
@@ -173,3 +180,6 @@ def test_every_kombu_internal_the_fleet_uses_is_there():
         assert hasattr(redis.QoS, name), name
     assert "_vrestore_count" in inspect.getsource(redis.QoS)
     assert redis.PRIORITY_STEPS
+    # How kombu names a priority sub-list, which ident_queue_length counts (queued_job_lists).
+    assert 'return f"{queue}{self.sep}{pri}"' in inspect.getsource(redis.Channel._q_for_pri)
+    assert isinstance(redis.Channel.sep, str) and isinstance(redis.Channel.unacked_key, str)
