@@ -183,3 +183,19 @@ def test_every_kombu_internal_the_fleet_uses_is_there():
     # How kombu names a priority sub-list, which ident_queue_length counts (queued_job_lists).
     assert 'return f"{queue}{self.sep}{pri}"' in inspect.getsource(redis.Channel._q_for_pri)
     assert isinstance(redis.Channel.sep, str) and isinstance(redis.Channel.unacked_key, str)
+
+
+def test_prometheus_clients_multiprocess_switch_is_where_workers_metrics_reaches_it():
+    """workers/metrics.py turns multiprocess mode on after prometheus-client was imported.
+
+    prometheus-client reads PROMETHEUS_MULTIPROC_DIR once, at import, into
+    ``values.ValueClass``; the worker can only name its folder later, so
+    ``metrics.enable`` replaces that class. A release that moves it breaks the
+    pool's sums silently: fail here instead.
+    """
+    from prometheus_client import values
+
+    assert importlib.metadata.version("prometheus-client").startswith("0."), "read workers/metrics.py's enable()"
+    assert hasattr(values, "ValueClass") and callable(values.MultiProcessValue)
+    made = values.MultiProcessValue()
+    assert getattr(made, "_multiprocess", False) is True
