@@ -99,7 +99,7 @@ _GALLERY_QUERY = """
 class GalleryStore:
     """Every gallery in one database."""
 
-    def __init__(self, database: Database, index_min_templates: int = 20_000, ef_search: int = 100) -> None:
+    def __init__(self, database: Database, index_min_templates: int = 5_000, ef_search: int = 100) -> None:
         self.database = database
         self.index_min_templates = index_min_templates
         self.ef_search = ef_search

@@ -16,12 +16,12 @@ producer, the baseline's processes), how full the fleet's micro-batches were,
 and what the models ran on.
 
 ``--kind queue`` measures the queue alone instead, on processes it starts
-itself: see ident/queue_bench.py.
+itself: see ident/queue_bench.py. ``--kind gallery`` measures 1:N search of a
+synthetic gallery on PostgreSQL + pgvector: see ident/gallery_bench.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib
 import json
@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ident.arguments import count, counts
 from tasks.errors import IdentError
 
 console = Console(stderr=True)
@@ -989,33 +990,6 @@ def chart(reports: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def count(least: int):
-    """An argparse type: a whole number of at least ``least``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < least:
-            raise argparse.ArgumentTypeError(f"expected a whole number of at least {least}, got {text!r}")
-        return value
-
-    return parse
-
-
-def counts(least: int):
-    """An argparse type: a comma list of whole numbers, each at least ``least``."""
-    parse_one = count(least)
-
-    def parse(text: str) -> list[int]:
-        values = [parse_one(part.strip()) for part in text.split(",")]
-        if len(set(values)) != len(values):
-            # Each value is one point of the sweep (and of its chart).
-            raise argparse.ArgumentTypeError(f"{text!r} repeats a value; give each one once")
-        return values
-
-    return parse
 
 
 class _Default(int):
@@ -1029,11 +1003,12 @@ DEFAULT_ROUNDS = 2
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--kind", choices=("vision", "audio", "queue"), required=True,
+    parser.add_argument("--kind", choices=("vision", "audio", "queue", "gallery"), required=True,
                         help="the pipeline to measure: the running fleet's workers of that kind; queue: the "
                              "queue alone, raw redis-py against stock Celery against the fleet's cheapest task, "
                              "on processes it starts itself (takes --jobs, default 1500, --warmup, default 100, "
-                             "and --json)")
+                             "and --json); gallery: 1:N search on PostgreSQL + pgvector over synthetic templates "
+                             "(takes the --kind gallery options and --json)")
     parser.add_argument("--jobs", type=count(1), default=DEFAULT_JOBS,
                         help="timed jobs on each side (default: 120; 1500 per run for --kind queue)")
     parser.add_argument("--concurrency", type=counts(1), default=DEFAULT_CONCURRENCY,
@@ -1055,6 +1030,9 @@ def add_arguments(parser) -> None:
                         "or against batch size for --chart-from reports of differently batched fleets")
     parser.add_argument("--chart-from", type=Path, nargs="+", metavar="REPORT.json",
                         help="draw --chart from reports saved with --json instead of running the bench")
+    from ident import gallery_bench
+
+    gallery_bench.add_arguments(parser)
 
 
 def queue_refused(args) -> list[str]:
@@ -1072,6 +1050,13 @@ def queue_refused(args) -> list[str]:
 
 
 def run(args) -> int:
+    from ident import gallery_bench
+
+    if args.kind == "gallery":
+        refused = queue_refused(args) + [flag for flag, given in (("--jobs", type(args.jobs) is not _Default),
+                                                                  ("--warmup", args.warm_jobs is not None)) if given]
+        return gallery_bench.run(args, refused)
+    gallery_bench.refuse_gallery_options(args)
     if args.kind == "queue":
         from ident import queue_bench
 

@@ -334,7 +334,7 @@ def test_galleries_and_stats_figures(store, names, rng):
                                         "index_min_templates", "ef_search")} == {
         "name": faces, "modality": "vision", "model": FACE.key, "model_sha256": FACE.sha256, "dimensions": 128,
         "subjects": 3, "templates": 7, "most_templates_per_subject": 3, "threshold": None, "search": "exact",
-        "index_min_templates": 20_000, "ef_search": 100,
+        "index_min_templates": 5_000, "ef_search": 100,
     }
     assert stats["bytes"] > 0
     first, last = datetime.fromisoformat(stats["first_enrolled"]), datetime.fromisoformat(stats["last_enrolled"])
