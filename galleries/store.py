@@ -388,8 +388,10 @@ class GalleryStore:
             if templates is None:
                 (templates,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(gallery.table)).fetchone()
             # The graph must fit in maintenance_work_mem or the build slows down many
-            # times over: about the vectors plus 2*M neighbour ids each, with room.
-            memory_mb = int(min(8192, max(64, templates * (gallery.dimensions * 4 + HNSW_M * 2 * 8 + 64) * 1.5
+            # times over: pgvector 0.6 holds the vector and 16 bytes per neighbour slot
+            # (2 * M of them) per template, plus its own overhead; measured in
+            # docs/benchmarks.md ("Galleries": m = 32 overflowed the 8-byte sizing).
+            memory_mb = int(min(8192, max(64, templates * (gallery.dimensions * 4 + HNSW_M * 2 * 16 + 256) * 1.25
                                           / 2**20)))
             started = time.perf_counter()
             conn.execute("SET statement_timeout = 0")
