@@ -25,8 +25,10 @@ jsonschema = pytest.importorskip("jsonschema")
 yaml = pytest.importorskip("yaml")
 
 from tasks.settings import Settings  # noqa: E402
-from tests.conftest import REPO_ROOT, shared_dir  # noqa: E402
-from tests.ops.test_compose import UnsetVariable, interpolate, read_env_file  # noqa: E402
+from tests.conftest import REPO_ROOT  # noqa: E402
+from tests.ops.test_compose import UnsetVariable, interpolate  # noqa: E402
+# The compose tests' fixtures, shared rather than copied.
+from tests.ops.test_compose import example_env, schema  # noqa: E402,F401
 
 MAIN_FILES = [REPO_ROOT / "compose.gpu.yml", REPO_ROOT / "compose.cpu.yml"]
 MONITORING_FILES = [REPO_ROOT / "deploy/prometheus/compose.yml", REPO_ROOT / "deploy/grafana/compose.yml"]
@@ -89,17 +91,6 @@ def load_project(path: Path, env: dict[str, str]) -> tuple[dict, dict[str, Path]
     return document, folders
 
 
-@pytest.fixture(scope="module")
-def schema() -> dict:
-    path = shared_dir() / "schemas" / "compose-spec.json"
-    if not path.is_file():
-        pytest.fail(f"the Compose Specification schema is not at {path}: set IDENT_SHARED_DIR")
-    return json.loads(path.read_text())
-
-
-@pytest.fixture(scope="module")
-def example_env() -> dict[str, str]:
-    return read_env_file(REPO_ROOT / ".env.example")
 
 
 @pytest.fixture(scope="module")
