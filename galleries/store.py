@@ -69,12 +69,17 @@ class Gallery:
     templates: int | None = None
 
     @property
+    def table_name(self) -> str:
+        """The gallery's own table, as text (for ``%s::regclass``)."""
+        return table_name(self.id)
+
+    @property
     def table(self) -> sql.Identifier:
-        return sql.Identifier(f"ident_templates_{self.id}")
+        return sql.Identifier(self.table_name)
 
     @property
     def index_name(self) -> sql.Identifier:
-        return sql.Identifier(f"ident_templates_{self.id}_hnsw")
+        return sql.Identifier(f"{self.table_name}_hnsw")
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,7 @@ class GalleryStore:
                         "FROM {} GROUP BY subject_id) per_subject").format(gallery.table)
             ).fetchone()
             (size,) = conn.execute("SELECT pg_total_relation_size(%s::regclass)",
-                                   (f"ident_templates_{gallery.id}",)).fetchone()
+                                   (gallery.table_name,)).fetchone()
             return {
                 "name": gallery.name, "modality": gallery.modality, "model": gallery.model,
                 "model_sha256": gallery.model_sha256, "dimensions": gallery.dimensions,
@@ -340,7 +345,7 @@ class GalleryStore:
         """
         if gallery.indexed:
             (estimate,) = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
-                                       (f"ident_templates_{gallery.id}",)).fetchone()
+                                       (gallery.table_name,)).fetchone()
             if estimate is not None and estimate >= 0:
                 return int(estimate)
         (count,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(gallery.table)).fetchone()
@@ -360,7 +365,7 @@ class GalleryStore:
                     (name, model.modality, model.key, model.sha256),
                 ).fetchone()
                 if created is not None:
-                    table = sql.Identifier(f"ident_templates_{created[0]}")
+                    table = sql.Identifier(table_name(created[0]))
                     conn.execute(sql.SQL(
                         "CREATE TABLE {} (id bigserial PRIMARY KEY, subject_id text NOT NULL, source text NOT NULL, "
                         "embedding vector({}) NOT NULL, model_id smallint NOT NULL REFERENCES ident_models (id), "
@@ -424,6 +429,11 @@ class GalleryStore:
 
     def _all(self, conn: psycopg.Connection) -> list[Gallery]:
         return [Gallery(*row) for row in conn.execute(_GALLERY_QUERY + " ORDER BY g.name").fetchall()]
+
+
+def table_name(gallery_id: int) -> str:
+    """Where a gallery's templates live: a table of its own (see the module's docstring)."""
+    return f"ident_templates_{gallery_id}"
 
 
 def _check_model(gallery: Gallery, model: EmbeddingModel) -> None:
