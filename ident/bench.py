@@ -341,11 +341,10 @@ def baseline_batch(requested: int | None, fleet_max_batch: int) -> tuple[int, st
 
 
 def redis_bytes_in() -> int:
-    import redis
-
+    from tasks.redis_connection import redis_client
     from tasks.settings import load_settings
 
-    return int(redis.Redis.from_url(load_settings().redis_url).info("stats")["total_net_input_bytes"])
+    return int(redis_client(load_settings()).info("stats")["total_net_input_bytes"])
 
 
 # --- where the CPU goes ----------------------------------------------------------------
@@ -420,6 +419,11 @@ def local_redis(url: str):
 
     import redis
 
+    from tasks.redis_urls import is_sentinel_url
+
+    if is_sentinel_url(url):
+        # The master moves from host to host; its CPU time is not attributed.
+        return "not measured: Redis behind Sentinel"
     parts = urlsplit(url)
     host = parts.hostname or "localhost"
     if parts.scheme != "unix" and host not in LOCAL_HOSTS and host not in {socket.gethostname(), socket.getfqdn()}:

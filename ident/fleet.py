@@ -66,6 +66,8 @@ class EmbeddedRedis:
     port: int = field(default_factory=free_port)
     password: str | None = None
     appendonly: bool = False
+    # More redis-server options, such as ("--replicaof", "127.0.0.1", "6379").
+    options: tuple[str, ...] = ()
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ident-redis-")))
     process: subprocess.Popen | None = None
 
@@ -86,7 +88,8 @@ class EmbeddedRedis:
             "--loglevel", "warning",
         ]
         if self.password:
-            command += ["--requirepass", self.password]
+            command += ["--requirepass", self.password, "--masterauth", self.password]
+        command += list(self.options)
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -9,6 +9,7 @@ from celery import Celery
 from kombu import Queue
 
 from tasks.contract import AUDIO_QUEUE, QUEUES, VISION_QUEUE
+from tasks.redis_connection import sentinel_transport_options
 from tasks.settings import Settings, load_settings
 
 
@@ -55,8 +56,13 @@ def celery_config(settings: Settings) -> dict:
             # One list per queue, so that a worker takes each job with an atomic
             # move into a hand-over list (workers/kombu_internals.py): none is lost if it dies.
             "priority_steps": [0],
+            # Behind Sentinel (IDENT_REDIS_URL=sentinel://...): the master's name
+            # and how to reach the Sentinels; kombu and Celery then ask them
+            # for the master on every new connection.
+            **sentinel_transport_options(settings),
         },
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout,
+                                             **sentinel_transport_options(settings)},
         # Keep trying through a Redis restart instead of giving up.
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,

@@ -16,6 +16,7 @@ from typing import Callable, Mapping, get_type_hints
 from urllib.parse import urlsplit
 
 from tasks.errors import ConfigurationError
+from tasks.redis_urls import is_sentinel_url, parse_sentinel_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # The schemes that work as both broker and result backend URL: Celery takes a
@@ -66,6 +67,10 @@ def _parse_optional_float(text: str) -> float | None:
     return None if text.strip() == "" else float(text)
 
 
+def _parse_optional_int(text: str) -> int | None:
+    return None if text.strip() == "" else int(text)
+
+
 def _parse_redis_url(text: str) -> str:
     # Empty is unset, as for `ident up`, which then runs an embedded Redis.
     return text.strip() or DEFAULT_REDIS_URL
@@ -84,6 +89,7 @@ def _parse_path(text: str) -> Path:
 _PARSERS: dict[object, Callable[[str], object]] = {
     int: int, float: float, bool: _parse_bool, str: str, Path: _parse_path,
     tuple[int, ...]: _parse_gpu_ids, tuple[str, ...]: _parse_names, float | None: _parse_optional_float,
+    int | None: _parse_optional_int,
 }
 
 
@@ -115,9 +121,16 @@ def redacted_url(url: str) -> str:
 
 def _redis_url_problem(url: str) -> str | None:
     """Why ``url`` cannot be the fleet's Redis URL, or None."""
+    if is_sentinel_url(url):
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            return str(exc)
+        return None
     parsed = urlsplit(url)
     if parsed.scheme not in REDIS_SCHEMES:
-        return "it must be a redis:// or rediss:// (TLS) URL"
+        return ("it must be a redis:// or rediss:// (TLS) URL, or Sentinels as "
+                "sentinel://HOST:26379;sentinel://HOST:26380")
     try:
         parsed.port
     except ValueError:
@@ -141,6 +154,17 @@ class Settings:
     # CA bundle that signs the Redis server's certificate, for rediss:// URLs
     # (empty: the system's trust store).
     redis_tls_ca_certs: str = ""
+    # Redis behind Sentinel (IDENT_REDIS_URL=sentinel://...;sentinel://...):
+    # the master's name in the Sentinels' configuration, and their own
+    # password (the master's goes in the URL).
+    redis_sentinel_master: str = field(default="ident", metadata={"parse": str.strip})
+    redis_sentinel_password: str = ""
+    # A job is acknowledged only once its result has reached this many
+    # replicas (Redis WAIT), so a master that dies takes no answered job's
+    # result along. None: 1 behind Sentinel, 0 on one server. A replica that
+    # does not confirm within the timeout is logged, and the job goes on.
+    redis_wait_replicas: int | None = None
+    redis_wait_timeout_ms: int = 1000
     # One hour: long enough for a producer that polls lazily, short enough that
     # embeddings (biometric data) do not linger in Redis.
     result_expires: int = 3600
@@ -267,6 +291,14 @@ class Settings:
                 f"{DEFAULT_REDIS_URL} or redis://:PASSWORD@HOST:6379/0, or leave it unset (or empty) for "
                 f"{DEFAULT_REDIS_URL}"
             )
+        if is_sentinel_url(self.redis_url) and not self.redis_sentinel_master:
+            raise ConfigurationError("IDENT_REDIS_URL names Sentinels but IDENT_REDIS_SENTINEL_MASTER is empty: give "
+                                     "the master's name as the Sentinels know it (`sentinel monitor NAME ...`)")
+        if self.redis_wait_replicas is not None and self.redis_wait_replicas < 0:
+            raise ConfigurationError("IDENT_REDIS_WAIT_REPLICAS must be 0 or more (empty: 1 behind Sentinel, else 0)")
+        if self.redis_wait_timeout_ms < 1:
+            raise ConfigurationError("IDENT_REDIS_WAIT_TIMEOUT_MS must be at least 1: WAIT 0 would block forever "
+                                     "while a replica is away")
         if self.device not in DEVICES:
             raise ConfigurationError(
                 f"IDENT_DEVICE={self.device!r} is not valid: use one of {', '.join(DEVICES)}"
@@ -344,6 +376,12 @@ class Settings:
         keys once the job is done, so this only bounds what a lost job leaves.
         """
         return max(self.visibility_timeout, self.task_time_limit) * (self.max_deliveries + 1)
+
+    def replicas_to_confirm(self) -> int:
+        """How many replicas must hold a job's result before the job is acknowledged (IDENT_REDIS_WAIT_REPLICAS)."""
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        return 1 if is_sentinel_url(self.redis_url) else 0
 
     def warnings(self) -> list[str]:
         """Settings that work but that an operator should hear about."""

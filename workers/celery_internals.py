@@ -28,7 +28,7 @@ import time
 from collections import Counter
 
 from celery.app import trace
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.concurrency import asynpool, prefork
 from celery.exceptions import BackendStoreError
 from celery.utils.imports import symbol_by_name
@@ -40,14 +40,17 @@ from celery.worker.strategy import default as default_strategy
 from kombu.utils.encoding import bytes_to_str
 
 from tasks.contract import SENT_AT_HEADER
+from tasks.redis_urls import is_sentinel_url
 from tasks.settings import load_settings
 from workers.jobkeys import STORE_RESULT, job_keys
 from workers.logsafety import redact_argument, redact_arguments, redacted_saferepr
+from workers.replicas import ReplicaConfirmation
 
 log = logging.getLogger(__name__)
 
 POOL = f"{__name__}:TaskPool"
 RESULT_BACKEND = f"{__name__}:FleetResultBackend"
+SENTINEL_RESULT_BACKEND = f"{__name__}:FleetSentinelResultBackend"
 REQUEST = f"{__name__}:FleetRequest"
 # When the worker's main process received a job (seconds since the epoch), in
 # the job's request: the pool process reads it as ``task.request.ident_received_at``.
@@ -266,6 +269,7 @@ class FleetResultBackend(RedisBackend):
         super().__init__(*args, **kwargs)
         self._delete_with_result: dict[bytes, tuple[str, ...]] = {}
         self._store_script = None
+        self.replica_confirmation = ReplicaConfirmation.from_settings()
 
     def delete_with_result(self, task_id: str, keys: list[str]) -> None:
         """Delete ``keys`` when the job's result is stored, whatever its state."""
@@ -293,7 +297,24 @@ class FleetResultBackend(RedisBackend):
         # Redis then neither receives nor hashes the script's text for every job.
         if self._store_script is None:
             self._store_script = self.client.register_script(STORE_RESULT)
-        self._store_script(keys=[key, *keys], args=[value, int(self.expires or 0)], client=self.client)
+        # WAIT in the same pipeline, so on the same connection as the writes it confirms (workers/replicas.py).
+        with self.client.pipeline(transaction=False) as pipe:
+            self._store_script(keys=[key, *keys], args=[value, int(self.expires or 0)], client=pipe)
+            waits = self.replica_confirmation.add_to(pipe)
+            replies = pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        if waits:
+            self.replica_confirmation.check(replies[-1], "a job's result")
+
+
+class FleetSentinelResultBackend(FleetResultBackend, SentinelBackend):
+    """The same backend on the master that Sentinel names (``IDENT_REDIS_URL=sentinel://...``)."""
+
+
+def result_backend_class(redis_url: str) -> str:
+    """The fleet's result backend class for ``redis_url``, as Celery names one: ``module:Class``."""
+    return SENTINEL_RESULT_BACKEND if is_sentinel_url(redis_url) else RESULT_BACKEND
 
 
 def release_with_result(backend, task_id: str, keys: list[str]) -> bool:

@@ -32,6 +32,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tasks.app import celery_config
+from tasks.redis_connection import redis_client
 from tasks.settings import Settings
 from workers import status as status_files
 
@@ -50,9 +51,8 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 def redis_probe_client(settings: Settings) -> redis.Redis:
     """A Redis client of the main process's own, apart from Celery's connections, that gives up fast."""
     tls = celery_config(settings).get("redis_backend_use_ssl") or {}
-    return redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_S,
-                                socket_connect_timeout=REDIS_TIMEOUT_S, retry=Retry(NoBackoff(), 1),
-                                health_check_interval=0, **tls)
+    return redis_client(settings, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+                        retry=Retry(NoBackoff(), 1), health_check_interval=0, **tls)
 
 
 def redis_problem(client: redis.Redis) -> str | None:

@@ -2,7 +2,8 @@
 
 One Redis client per channel, and no job lost in the hand-over. Only worker
 processes use it: :func:`install`, called when a worker app is made
-(workers/wiring.py), makes it what ``redis://`` and ``rediss://`` mean in that
+(workers/wiring.py), makes it what ``redis://``, ``rediss://`` and
+``sentinel://`` (kombu's Sentinel transport, same changes) mean in that
 process; producers that import the contract (tasks/) keep stock kombu.
 Celery's ``broker_transport`` setting would name the class without touching
 kombu's table, but the connection's URL then starts with the class's path
@@ -24,7 +25,8 @@ killed between the two (or a Redis that stops before its reply leaves) loses
 the job: it is in no queue and no unacknowledged record. Here a consumer of
 one queue takes the job with ``BLMOVE`` instead, which moves it atomically
 into a hand-over list; recording it as unacknowledged takes it out of that
-list in the same transaction. A job left in the list outlived its consumer:
+list in the same atomic step, confirmed on ``IDENT_REDIS_WAIT_REPLICAS``
+replicas before the job runs (workers/replicas.py). A job left in the list outlived its consumer:
 the unacknowledged-job sweep puts it back on its queue once it has been there
 for the visibility timeout, as kombu does for unacknowledged jobs. ``BLMOVE``
 takes one source list, so this needs one list per queue: the fleet runs with
@@ -62,7 +64,10 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from kombu.utils.objects import cached_property
 
-SCHEMES = ("redis", "rediss")
+from workers.replicas import ReplicaConfirmation
+
+# URL scheme -> the class of this module that serves it.
+TRANSPORTS = {"redis": "Transport", "rediss": "Transport", "sentinel": "SentinelTransport"}
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +110,15 @@ end
 return {restored, stray}
 """
 
+# kombu's unacknowledged record of a job (its index entry and its message),
+# and the job out of the hand-over list, in one atomic step. A script, not
+# MULTI/EXEC, so that WAIT can follow it on the same connection.
+RECORD_HANDED_OVER = """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('LREM', KEYS[3], 1, ARGV[4])
+"""
+
 
 class QoS(kombu_redis.QoS):
     def append(self, message, delivery_tag):
@@ -113,13 +127,20 @@ class QoS(kombu_redis.QoS):
             return super().append(message, delivery_tag)
         handover_key, item = handed_over
         delivery = message.delivery_info
-        # kombu's unacknowledged record, and the job out of the hand-over list, in one transaction.
-        with self.pipe_or_acquire() as pipe:
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
-                .hset(self.unacked_key, delivery_tag,
-                      dumps([message._raw, delivery["exchange"], delivery["routing_key"]])) \
-                .lrem(handover_key, 1, item) \
-                .execute()
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        channel = self.channel
+        with channel.conn_or_acquire() as client:
+            if channel._record_script is None:
+                channel._record_script = client.register_script(RECORD_HANDED_OVER)
+            with client.pipeline(transaction=False) as pipe:
+                channel._record_script(keys=[self.unacked_index_key, self.unacked_key, handover_key],
+                                       args=[time(), delivery_tag, record, item], client=pipe)
+                waits = channel.replica_confirmation.add_to(pipe)
+                replies = pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        if waits:
+            channel.replica_confirmation.check(replies[-1], "a job's hand-over")
         virtual.QoS.append(self, message, delivery_tag)
 
     def restore_visible(self, start=0, num=10, interval=10):
@@ -133,6 +154,7 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
     _reused_client = None
     _restore_script = None
+    _record_script = None
     _warned_no_handover: str | None = None
 
     def __init__(self, *args, **kwargs):
@@ -140,6 +162,7 @@ class Channel(kombu_redis.Channel):
         # delivered that are not recorded yet: delivery tag -> (list, bytes).
         self.handover_source: str | None = None
         self.handed_over: dict[str, tuple[str, bytes]] = {}
+        self.replica_confirmation = ReplicaConfirmation.from_settings()
         super().__init__(*args, **kwargs)
 
     @contextmanager
@@ -288,13 +311,21 @@ def queued_job_lists(queue: str, transport_options: Mapping | None = None) -> li
     return [f"{prefix}{key}" for key in lists]
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same channel on the master that Sentinel names: kombu's Sentinel channel finds it on each new connection."""
+
+
 class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelTransport(Transport, kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 def install() -> None:
-    """Resolve ``redis://`` and ``rediss://`` broker URLs to :class:`Transport` in this process from now on."""
-    for scheme in SCHEMES:
-        kombu.transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+    """Resolve ``redis://``, ``rediss://`` and ``sentinel://`` broker URLs to this module's transports from now on."""
+    for scheme, transport in TRANSPORTS.items():
+        kombu.transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:{transport}"
         # kombu caches each alias once resolved; a stale entry would keep the stock class.
         kombu.transport._transport_cache.pop(scheme, None)  # noqa: SLF001

@@ -53,7 +53,7 @@ def make_worker_app(kind: str, pipeline: PipelineFactory, settings: Settings | N
     app = make_app(f"workers.{kind}", settings)
     # The fleet's result backend, for the workers alone (producers read results
     # with the stock one); Celery names a backend class and its URL as CLASS+URL.
-    app.conf.result_backend = f"{celery_internals.RESULT_BACKEND}+{settings.redis_url}"
+    app.conf.result_backend = f"{celery_internals.result_backend_class(settings.redis_url)}+{settings.redis_url}"
     app.conf.worker_hijack_root_logger = True
     # -P prefork (the default) means this subclass: see workers/celery_internals.py.
     app.conf.worker_pool = celery_internals.POOL

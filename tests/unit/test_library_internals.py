@@ -166,6 +166,8 @@ def test_every_celery_internal_the_fleet_uses_is_there():
     assert callable(strategy.default)
     for name in ("_store_result", "_get_result_meta", "get_key_for_task", "ensure", "encode", "_MAX_STR_VALUE_SIZE"):
         assert hasattr(RedisBackend, name), name
+    from celery.backends.redis import SentinelBackend
+    assert issubclass(SentinelBackend, RedisBackend) and "master_for" in inspect.getsource(SentinelBackend._get_pool)
 
 
 def test_every_kombu_internal_the_fleet_uses_is_there():
@@ -183,6 +185,9 @@ def test_every_kombu_internal_the_fleet_uses_is_there():
     # How kombu names a priority sub-list, which ident_queue_length counts (queued_job_lists).
     assert 'return f"{queue}{self.sep}{pri}"' in inspect.getsource(redis.Channel._q_for_pri)
     assert isinstance(redis.Channel.sep, str) and isinstance(redis.Channel.unacked_key, str)
+    # The Sentinel channel and transport that kombu_internals.SentinelChannel/SentinelTransport extend.
+    assert issubclass(redis.SentinelChannel, redis.Channel) and issubclass(redis.SentinelTransport, redis.Transport)
+    assert "_sentinel_managed_pool" in inspect.getsource(redis.SentinelChannel._get_pool)
 
 
 def test_prometheus_clients_multiprocess_switch_is_where_workers_metrics_reaches_it():
