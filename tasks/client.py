@@ -28,8 +28,16 @@ class IdentClient:
         if not isinstance(payload, (bytes, bytearray)) or len(payload) <= self.settings.payload_ref_bytes:
             return payload
         key = f"{contract.PAYLOAD_KEY_PREFIX}{uuid.uuid4().hex}"
-        # Workers delete it once the job is done.
-        self.app.backend.client.set(key, bytes(payload), ex=self.settings.payload_lifetime_s())
+        with self.app.backend.client.pipeline(transaction=False) as pipe:
+            # Workers delete it once the job is done.
+            pipe.set(key, bytes(payload), ex=self.settings.payload_lifetime_s())
+            replicas = self.settings.replicas_to_confirm()
+            if replicas:
+                # Behind Sentinel, on the replicas before the job that names it is
+                # sent: a master lost in between would otherwise take the payload
+                # along and fail the job. Short of replicas, the job goes anyway.
+                pipe.execute_command("WAIT", replicas, self.settings.redis_wait_timeout_ms)
+            pipe.execute()
         return {contract.PAYLOAD_REF_FIELD: key}
 
     def _send(self, name: str, *args) -> AsyncResult:

@@ -32,12 +32,12 @@ class UnsetVariable(KeyError):
     """A ``${VAR:?message}`` whose variable is unset or empty."""
 
 
-_REFERENCE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")
+_NAMED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BRACED = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>.*))?$", re.S)
 
 
 def interpolate(value, env: dict[str, str], used: set[str] | None = None):
-    """Compose's variable substitution over a loaded YAML tree (values, not keys)."""
+    """Compose's variable substitution over a loaded YAML tree (values, not keys), defaults nested as Compose nests them."""
     used = set() if used is None else used
     if isinstance(value, dict):
         return {k: interpolate(v, env, used) for k, v in value.items()}
@@ -45,31 +45,59 @@ def interpolate(value, env: dict[str, str], used: set[str] | None = None):
         return [interpolate(v, env, used) for v in value]
     if not isinstance(value, str):
         return value
+    out, i = [], 0
+    while i < len(value):
+        if value[i] != "$" or i + 1 == len(value):
+            out.append(value[i])
+            i += 1
+        elif value[i + 1] == "$":
+            out.append("$")
+            i += 2
+        elif value[i + 1] == "{":
+            end = _closing_brace(value, i + 2)
+            out.append(_resolve(value[i + 2:end], env, used))
+            i = end + 1
+        else:
+            named = _NAMED.match(value, i + 1)
+            if named is None:
+                out.append("$")
+                i += 1
+                continue
+            used.add(named.group(0))
+            out.append(env.get(named.group(0), ""))
+            i = named.end()
+    return "".join(out)
 
-    def replace(match: re.Match) -> str:
-        if match.group("escaped"):
-            return "$"
-        if match.group("named"):
-            used.add(match.group("named"))
-            return env.get(match.group("named"), "")
-        parsed = _BRACED.match(match.group("braced"))
-        if parsed is None:
-            raise ValueError(f"invalid interpolation {match.group(0)!r}")
-        name, op, arg = parsed.group("name"), parsed.group("op"), parsed.group("arg")
-        used.add(name)
-        current = env.get(name)
-        empty = current is None or (current == "" and op is not None and op.startswith(":"))
-        if op in (":-", "-"):
-            return interpolate(arg, env, used) if empty else current
-        if op in (":?", "?"):
-            if empty:
-                raise UnsetVariable(f"{name}: {arg}")
-            return current
-        if op in (":+", "+"):
-            return "" if empty else interpolate(arg, env, used)
-        return current or ""
 
-    return _REFERENCE.sub(replace, value)
+def _closing_brace(text: str, start: int) -> int:
+    depth = 1
+    for index in range(start, len(text)):
+        if text.startswith("${", index):
+            depth += 1
+        elif text[index] == "}":
+            depth -= 1
+            if depth == 0:
+                return index
+    raise ValueError(f"unclosed ${{ in {text!r}")
+
+
+def _resolve(braced: str, env: dict[str, str], used: set[str]) -> str:
+    parsed = _BRACED.match(braced)
+    if parsed is None:
+        raise ValueError(f"invalid interpolation ${{{braced}}}")
+    name, op, arg = parsed.group("name"), parsed.group("op"), parsed.group("arg")
+    used.add(name)
+    current = env.get(name)
+    empty = current is None or (current == "" and op is not None and op.startswith(":"))
+    if op in (":-", "-"):
+        return interpolate(arg, env, used) if empty else current
+    if op in (":?", "?"):
+        if empty:
+            raise UnsetVariable(f"{name}: {arg}")
+        return current
+    if op in (":+", "+"):
+        return "" if empty else interpolate(arg, env, used)
+    return current or ""
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -186,7 +214,7 @@ def test_worker_commands_and_wiring(path, example_env):
         assert worker["depends_on"] == {"redis": {"condition": "service_healthy"},
                                         "postgres": {"condition": "service_healthy"}}
         env = worker["environment"]
-        assert env["IDENT_REDIS_URL"] == "redis://:${IDENT_REDIS_PASSWORD}@redis:6379/0"
+        assert env["IDENT_REDIS_URL"] == "${IDENT_REDIS_URL:-redis://:${IDENT_REDIS_PASSWORD}@redis:6379/0}"
         assert env["IDENT_GALLERY_URL"] == "postgresql://ident:${IDENT_POSTGRES_PASSWORD}@postgres:5432/ident"
         assert env["IDENT_MODELS_DIR"] == "/models"
         assert any(str(v).endswith(":/models:ro") for v in worker["volumes"])
@@ -235,6 +263,8 @@ def test_compose_defaults_match_the_settings_defaults(path):
         for match in re.finditer(r"\$\{" + env_name(f.name) + r":-([^}]*)\}", text):
             if f.name == "device":
                 continue  # compose.gpu.yml's `cuda` is a deliberate choice, see the comment there
+            if "${" in match.group(1):
+                continue  # a default built from other variables, such as IDENT_REDIS_URL's
             parsed = Settings.from_env({env_name(f.name): match.group(1)})
             assert getattr(parsed, f.name) == getattr(defaults, f.name), f"{env_name(f.name)} default"
             checked += 1
@@ -274,5 +304,6 @@ def test_dockerfile_runs_as_non_root_and_mounts_models():
 def test_interpolation_rules():
     env = {"A": "x", "EMPTY": ""}
     assert interpolate("${A:-d} ${B:-d} ${EMPTY:-d} ${EMPTY-d} $$A $A ${A:+set}", env) == "x d d  $A x set"
+    assert interpolate("${B:-p${A}q} ${A:-p${B}q} ${B:-${EMPTY:-deep}}", env) == "pxq x deep"
     with pytest.raises(UnsetVariable):
         interpolate("${EMPTY:?needed}", env)
