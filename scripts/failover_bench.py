@@ -78,9 +78,11 @@ def run(args) -> dict:
                 in_flight.append(client.analyze("audio", payload))
             oldest = in_flight.popleft()
             try:
-                oldest.get(timeout=300)
+                oldest.get(timeout=args.answer_timeout)
             except CeleryTimeout:
                 lost += 1
+                stored = client.app.backend.get_task_meta(oldest.id).get("status")
+                console.print(f"no answer for job {oldest.id} within {args.answer_timeout:g} s; Redis holds its result as {stored}")
                 continue
             except Exception as exc:  # noqa: BLE001 -- counted, as a producer would
                 failed += 1
@@ -129,6 +131,8 @@ def main() -> int:
     parser.add_argument("--in-flight", type=int, default=8, help="jobs kept queued (default 8)")
     parser.add_argument("--concurrency", type=int, default=2, help="the worker's pool processes (default 2)")
     parser.add_argument("--cpu-threads", type=int, default=1)
+    parser.add_argument("--answer-timeout", type=float, default=120.0,
+                        help="seconds a producer waits for one answer before counting the job lost (default 120)")
     parser.add_argument("--audio", type=Path, help="the recording sent (default: the shortest in ../shared/data)")
     parser.add_argument("--models", type=Path, default=MODELS)
     parser.add_argument("--machine", default="2 shared cores (AMD EPYC), no GPU")

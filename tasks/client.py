@@ -15,29 +15,28 @@ from celery.result import AsyncResult
 
 from tasks import contract
 from tasks.app import make_app
+from tasks.replicas import ReplicaConfirmation
 from tasks.settings import Settings, load_settings
+
+
+# Written after each job is sent, behind Sentinel (IdentClient._confirm_sent): its value is never read.
+SENT_FENCE_KEY = "ident:client:sent-fence"
+SENT_FENCE_TTL_MS = 60_000
 
 
 class IdentClient:
     def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
         self.settings = settings or load_settings()
         self.app = app or make_app("identification-client", self.settings)
+        self._replica_confirmation = ReplicaConfirmation.from_settings(self.settings)
 
     def _argument(self, payload):
         """Payloads over IDENT_PAYLOAD_REF_BYTES travel by reference, raw, once."""
         if not isinstance(payload, (bytes, bytearray)) or len(payload) <= self.settings.payload_ref_bytes:
             return payload
         key = f"{contract.PAYLOAD_KEY_PREFIX}{uuid.uuid4().hex}"
-        with self.app.backend.client.pipeline(transaction=False) as pipe:
-            # Workers delete it once the job is done.
-            pipe.set(key, bytes(payload), ex=self.settings.payload_lifetime_s())
-            replicas = self.settings.replicas_to_confirm()
-            if replicas:
-                # Behind Sentinel, on the replicas before the job that names it is
-                # sent: a master lost in between would otherwise take the payload
-                # along and fail the job. Short of replicas, the job goes anyway.
-                pipe.execute_command("WAIT", replicas, self.settings.redis_wait_timeout_ms)
-            pipe.execute()
+        # Workers delete it once the job is done.
+        self.app.backend.client.set(key, bytes(payload), ex=self.settings.payload_lifetime_s())
         return {contract.PAYLOAD_REF_FIELD: key}
 
     def _send(self, name: str, *args) -> AsyncResult:
@@ -46,10 +45,33 @@ class IdentClient:
         # The send time, taken once the payloads are in Redis, is what the
         # workers measure a job's queue wait from (ident_queue_wait_seconds):
         # Celery's own messages carry none.
-        return self.app.send_task(
+        result = self.app.send_task(
             name, args=arguments, argsrepr=f"<{len(args)} arguments>",
             headers={contract.SENT_AT_HEADER: time.time()},
         )
+        self._confirm_sent()
+        return result
+
+    def _confirm_sent(self) -> None:
+        """Return only once the job (and its payloads) reached IDENT_REDIS_WAIT_REPLICAS replicas, or the WAIT timeout passed.
+
+        Behind Sentinel a master that dies a millisecond after it queued a job
+        may not have passed it on yet, and the promoted replica never saw it.
+        kombu publishes on a connection of its own, and Redis's WAIT counts
+        the writes of its own connection only; but replication keeps the
+        master's order, so a write made here after the job's, once confirmed,
+        confirms the job's too. Short of replicas, the job goes anyway, and
+        jobs stop waiting for a while (tasks/replicas.py).
+        """
+        confirmation = self._replica_confirmation
+        if confirmation.replicas <= 0:
+            return
+        with self.app.backend.client.pipeline(transaction=False) as pipe:
+            pipe.set(SENT_FENCE_KEY, time.time(), px=SENT_FENCE_TTL_MS)
+            if not confirmation.add_to(pipe):
+                return
+            replies = pipe.execute(raise_on_error=False)
+        confirmation.check(replies[-1], "a job just sent")
 
     def analyze_image(self, image: bytes, options: dict | None = None) -> AsyncResult:
         return self._send(contract.VISION_ANALYZE, image, options)

@@ -44,7 +44,7 @@ from tasks.redis_urls import is_sentinel_url
 from tasks.settings import load_settings
 from workers.jobkeys import STORE_RESULT, job_keys
 from workers.logsafety import redact_argument, redact_arguments, redacted_saferepr
-from workers.replicas import ReplicaConfirmation
+from tasks.replicas import ReplicaConfirmation
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ class FleetResultBackend(RedisBackend):
         # Redis then neither receives nor hashes the script's text for every job.
         if self._store_script is None:
             self._store_script = self.client.register_script(STORE_RESULT)
-        # WAIT in the same pipeline, so on the same connection as the writes it confirms (workers/replicas.py).
+        # WAIT in the same pipeline, so on the same connection as the writes it confirms (tasks/replicas.py).
         with self.client.pipeline(transaction=False) as pipe:
             self._store_script(keys=[key, *keys], args=[value, int(self.expires or 0)], client=pipe)
             waits = self.replica_confirmation.add_to(pipe)

@@ -26,7 +26,7 @@ the job: it is in no queue and no unacknowledged record. Here a consumer of
 one queue takes the job with ``BLMOVE`` instead, which moves it atomically
 into a hand-over list; recording it as unacknowledged takes it out of that
 list in the same atomic step, confirmed on ``IDENT_REDIS_WAIT_REPLICAS``
-replicas before the job runs (workers/replicas.py). A job left in the list outlived its consumer:
+replicas before the job runs (tasks/replicas.py). A job left in the list outlived its consumer:
 the unacknowledged-job sweep puts it back on its queue once it has been there
 for the visibility timeout, as kombu does for unacknowledged jobs. ``BLMOVE``
 takes one source list, so this needs one list per queue: the fleet runs with
@@ -64,7 +64,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from kombu.utils.objects import cached_property
 
-from workers.replicas import ReplicaConfirmation
+from tasks.replicas import ReplicaConfirmation
 
 # URL scheme -> the class of this module that serves it.
 TRANSPORTS = {"redis": "Transport", "rediss": "Transport", "sentinel": "SentinelTransport"}

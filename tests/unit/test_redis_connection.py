@@ -11,7 +11,7 @@ from tasks.errors import ConfigurationError
 from tasks.redis_connection import redis_client
 from tasks.redis_urls import parse_sentinel_url
 from tasks.settings import Settings
-from workers.replicas import RECHECK_S, ReplicaConfirmation
+from tasks.replicas import RECHECK_S, ReplicaConfirmation
 
 SENTINELS = "sentinel://:s%40cret@10.0.0.1:26379/2;sentinel://10.0.0.2:26380;sentinel://10.0.0.3"
 

@@ -1,18 +1,20 @@
-"""A job's writes confirmed on Redis replicas (``WAIT``) before the job is acknowledged.
+"""Writes confirmed on Redis replicas (``WAIT``) before a job goes on.
 
-Redis replicates asynchronously: a master that dies a millisecond after it
-stored a job's result may take that result along, while the job's
-acknowledgement, written later, may already be on the replica that Sentinel
-promotes. That job would be answered by nobody. So the worker sends ``WAIT``
-after the writes that must survive a failover, in the same pipeline (Redis
-counts a client's writes per connection), and acknowledges the job only
-afterwards:
+Redis replicates asynchronously: a master that dies a millisecond after a
+write may take it along, while later writes may already be on the replica
+that Sentinel promotes. ``WAIT`` after the writes that must survive a
+failover, in the same pipeline (Redis counts a client's writes per
+connection), closes that gap:
 
 * a job's result (workers/celery_internals.py, ``FleetResultBackend``), which
   the pool process stores before it reports the job done; the main process
-  acknowledges it only after that report;
+  acknowledges the job only after that report, so an acknowledged job's
+  result is on a replica;
 * the hand-over bookkeeping (workers/kombu_internals.py, ``QoS.append``): the
-  job's unacknowledged record, which lets the fleet put it back if its worker dies.
+  job's unacknowledged record, which lets the fleet put it back if its worker dies;
+* a job just sent, with its by-reference payloads (tasks/client.py,
+  ``IdentClient``), so that the promoted replica has every job a producer
+  was told was sent.
 
 A replica that does not confirm within ``IDENT_REDIS_WAIT_TIMEOUT_MS`` is
 logged, and for :data:`RECHECK_S` seconds no write waits: a missing replica
@@ -65,6 +67,6 @@ class ReplicaConfirmation:
         if int(confirmed) < self.replicas:
             self._skip_until = self._clock() + RECHECK_S
             log.warning("%s reached %d of the %d replica(s) IDENT_REDIS_WAIT_REPLICAS asks for within %d ms; "
-                        "jobs go on unconfirmed for %.0f s, then wait again. A master lost now may take "
-                        "results along: check the replicas (INFO replication)",
+                        "jobs go on unconfirmed for %.0f s, then wait again. A master lost now may take such "
+                        "writes along: check the replicas (INFO replication)",
                         what, int(confirmed), self.replicas, self.timeout_ms, RECHECK_S)
