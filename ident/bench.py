@@ -1034,6 +1034,13 @@ def add_arguments(parser) -> None:
                         "or against batch size for --chart-from reports of differently batched fleets")
     parser.add_argument("--chart-from", type=Path, nargs="+", metavar="REPORT.json",
                         help="draw --chart from reports saved with --json instead of running the bench")
+    parser.add_argument("--via", choices=("celery", "http"), default="celery",
+                        help="celery (default): the fleet straight from this process, against raw ONNX Runtime; "
+                             "http: the same workload through a running gateway (ident serve) beside direct "
+                             "Celery, so that the gateway's overhead is measured side by side (ident/http_bench.py)")
+    parser.add_argument("--gateway-url", help="with --via http: the gateway's base URL "
+                                              "(default: http://IDENT_GATEWAY_HOST:IDENT_GATEWAY_PORT)")
+    parser.add_argument("--api-key", help="with --via http: a key of the gateway (default: the first of IDENT_API_KEYS)")
     from ident import gallery_bench
 
     gallery_bench.add_arguments(parser)
@@ -1056,6 +1063,8 @@ def queue_refused(args) -> list[str]:
 def run(args) -> int:
     from ident import gallery_bench
 
+    if args.gateway_url is not None or args.api_key is not None:
+        raise IdentError("--gateway-url and --api-key go with --via http")
     if args.kind == "gallery":
         refused = queue_refused(args) + [flag for flag, given in (("--jobs", type(args.jobs) is not _Default),
                                                                   ("--warmup", args.warm_jobs is not None)) if given]

@@ -103,6 +103,15 @@ def status_rows(replies: list[dict]) -> list[dict]:
     return rows
 
 
+def cmd_bench(args) -> int:
+    # --via http drives the gateway (ident/http_bench.py, which builds on ident/bench.py).
+    if args.via == "http":
+        from ident import http_bench
+
+        return http_bench.run(args)
+    return bench.run(args)
+
+
 def cmd_status(args) -> int:
     client = make_client()
     replies = client.model_status(timeout=args.timeout)
@@ -389,11 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_parser = sub.add_parser("bench", help="throughput and latency of the running fleet against raw ONNX Runtime")
     bench.add_arguments(bench_parser)
-    bench_parser.set_defaults(func=bench.run)
+    bench_parser.set_defaults(func=cmd_bench)
 
     doctor_parser = sub.add_parser("doctor", help="find out why a GPU is not used")
     doctor.add_arguments(doctor_parser)
     doctor_parser.set_defaults(func=doctor.run)
+
+    from ident import serve
+
+    serve_parser = sub.add_parser("serve", help="the HTTP gateway in front of the fleet (docs/gateway.md)")
+    serve.add_arguments(serve_parser)
+    serve_parser.set_defaults(func=serve.run_from_cli)
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import Field, dataclass, field, fields
 from functools import cache
 from pathlib import Path
@@ -264,6 +265,21 @@ class Settings:
     # /readyz on this port (docs/operations.md, "Metrics and health"); 0 = off.
     # Two workers on one host need two ports.
     metrics_port: int = 0
+    # The HTTP gateway (ident serve, docs/gateway.md).
+    # The keys callers send as `Authorization: Bearer KEY`, comma-separated; and/or
+    # a file of their sha256 hex digests, one a line, so that the keys themselves
+    # need not be on the gateway's host. repr=False: a key never reaches a log.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    api_keys_file: str = field(default="", metadata={"parse": str.strip})
+    # Requests per key, in the `limits` library's notation ("50/second",
+    # "1000/minute", several joined by ";"); empty: no limit. Counted in the
+    # fleet's Redis, so every gateway replica shares one limit per key.
+    api_rate_limit: str = field(default="50/second", metadata={"parse": str.strip})
+    gateway_host: str = field(default="127.0.0.1", metadata={"parse": str.strip})
+    gateway_port: int = 8080
+    # How long a call waits for its result by default (and at most, ?wait=S)
+    # before it answers 504 with the job id, which GET /v1/jobs/{id} then reads.
+    gateway_wait_s: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -355,6 +371,7 @@ class Settings:
         for name in ("max_audio_seconds", "process_init_timeout"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigurationError(f"{env_name(name)} must be a positive number")
+        _validate_gateway(self)
         if any(gpu < 0 for gpu in self.gpu_ids):
             raise ConfigurationError(f"IDENT_GPU_IDS={self.gpu_ids} holds a negative index: GPUs count from 0")
         # NaN passes float() and then fails every comparison: a verdict that is always False.
@@ -407,6 +424,43 @@ def env_name(field_name: str) -> str:
 
 def load_settings() -> Settings:
     return Settings.from_env()
+
+
+# One rate in the `limits` library's notation: "50/second", "1000 per minute", "10/5 minutes".
+_RATE = re.compile(r"^\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day|month|year)s?\s*$", re.IGNORECASE)
+# Short keys can be guessed; 16 characters is 96 bits even in base64.
+MIN_API_KEY_LENGTH = 16
+
+
+def _validate_gateway(settings: Settings) -> None:
+    """The HTTP gateway's settings (docs/gateway.md); checked here so a bad value fails at start, not per request."""
+    for key in settings.api_keys:
+        # The key itself is never quoted: the message names its position only.
+        if len(key) < MIN_API_KEY_LENGTH or any(c.isspace() for c in key):
+            position = settings.api_keys.index(key) + 1
+            raise ConfigurationError(
+                f"IDENT_API_KEYS: key number {position} is shorter than {MIN_API_KEY_LENGTH} characters or holds "
+                "whitespace; make each key with `openssl rand -hex 32`"
+            )
+    rates = [part for part in settings.api_rate_limit.replace(",", ";").split(";") if part.strip()]
+    for rate in rates:
+        if not _RATE.match(rate):
+            raise ConfigurationError(
+                f"IDENT_API_RATE_LIMIT={settings.api_rate_limit!r} is not valid: {rate.strip()!r} is not a rate such "
+                "as 50/second or 1000/minute (several joined by ;), or leave it empty for no limit"
+            )
+    if not 1 <= settings.gateway_port <= 65535:
+        raise ConfigurationError(
+            f"IDENT_GATEWAY_PORT={settings.gateway_port} is not valid: it is a TCP port from 1 to 65535 (8080, say)"
+        )
+    if not settings.gateway_host:
+        raise ConfigurationError("IDENT_GATEWAY_HOST is empty: give an address to listen on, such as 127.0.0.1 "
+                                 "or 0.0.0.0 (every interface, as in a container)")
+    if not 0 < settings.gateway_wait_s < math.inf:
+        raise ConfigurationError(
+            f"IDENT_GATEWAY_WAIT_S={settings.gateway_wait_s} is not valid: it is the seconds a call waits for its "
+            "result, a positive number such as 30"
+        )
 
 
 _field_parsers(Settings)  # an annotation that no parser reads fails here, at import

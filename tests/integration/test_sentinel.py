@@ -191,3 +191,22 @@ def test_a_result_waits_for_the_replica_and_a_missing_replica_costs_one_timeout(
     finally:
         if own_group:
             own_group.stop()
+
+
+def test_the_http_gateway_finds_the_master_through_the_sentinels(fleet, group, tmp_path):
+    """After the failover above: `ident serve` on the Sentinel URL sends, rate-limits and answers."""
+    import httpx
+
+    from tests.integration.test_gateway import AUTH, GatewayProcess, gateway_env
+
+    payload = recordings()[1]
+    expected = essentials(fleet.client.analyze("audio", payload).get(timeout=120))
+    gateway = GatewayProcess(gateway_env(fleet.env, api_rate_limit="100/second"), tmp_path / "gateway.log")
+    try:
+        answer = httpx.post(f"{gateway.url}/v1/audio/analyze", content=payload, headers=AUTH, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert essentials(answer.json()) == expected
+        status = httpx.get(f"{gateway.url}/v1/status", headers=AUTH, timeout=30).json()
+        assert status["queues"][contract.AUDIO_QUEUE]["workers"] == 1
+    finally:
+        gateway.stop()

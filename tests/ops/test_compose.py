@@ -307,3 +307,22 @@ def test_interpolation_rules():
     assert interpolate("${B:-p${A}q} ${A:-p${B}q} ${B:-${EMPTY:-deep}}", env) == "pxq x deep"
     with pytest.raises(UnsetVariable):
         interpolate("${EMPTY:?needed}", env)
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_gateway_runs_apart_with_keys_from_the_env_file(path, example_env):
+    """The HTTP gateway (docs/gateway.md): same image, `ident serve`, no model, never started without keys."""
+    services = load(path, example_env)["services"]
+    gateway, flower = services["gateway"], services["flower"]
+    assert gateway["image"] == services["vision-worker"]["image"]
+    assert gateway["command"] == "ident serve --host 0.0.0.0 --port 8080"
+    assert gateway["environment"]["IDENT_API_KEYS"] == example_env["GATEWAY_API_KEYS"]
+    # It reaches Redis exactly as the rest of the fleet does.
+    assert {k: v for k, v in gateway["environment"].items() if "REDIS" in k} == \
+        {k: v for k, v in flower["environment"].items() if "REDIS" in k}
+    assert gateway["ports"] == [f"{example_env['GATEWAY_BIND']}:{example_env['GATEWAY_PORT']}:8080"]
+    assert "/healthz" in " ".join(gateway["healthcheck"]["test"])
+    assert "volumes" not in gateway and "deploy" not in gateway
+    env = {k: v for k, v in example_env.items() if k != "GATEWAY_API_KEYS"}
+    with pytest.raises(UnsetVariable, match="GATEWAY_API_KEYS"):
+        load(path, env)

@@ -417,8 +417,8 @@ def test_no_build_without_secrets_env(tmp_path):
 
 
 def test_secret_template_holds_placeholders_only(secret):
-    assert set(secret) == {"REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD"}
-    for key in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD"):
+    assert set(secret) == {"REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD", "GATEWAY_API_KEYS"}
+    for key in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD", "GATEWAY_API_KEYS"):
         assert secret[key].startswith("change-me"), key
     # They go into URLs unescaped, and Flower splits its basic-auth option on commas.
     for key, value in secret.items():
@@ -499,7 +499,7 @@ def test_no_credential_is_written_into_a_manifest(secret):
     for path in KUBE.rglob("*"):
         if path.is_file() and path.name != "secrets.env.example" and path.name != "secrets.env":
             text = path.read_text()
-            for key in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD"):
+            for key in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD", "GATEWAY_API_KEYS"):
                 assert secret[key] not in text, f"{path.relative_to(KUBE)} holds {key}'s value"
 
 
@@ -711,7 +711,7 @@ def test_every_pod_runs_non_root_under_the_restricted_profile(base, models_fetch
             assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
             assert not sc.get("privileged")
             assert all("hostPort" not in p for p in container.get("ports", []))
-    assert pods == 6
+    assert pods == 7
 
 
 # --- Redis, PostgreSQL, Flower -----------------------------------------------------------
@@ -720,7 +720,7 @@ def test_every_pod_runs_non_root_under_the_restricted_profile(base, models_fetch
 def test_nothing_is_exposed_outside_the_cluster(base):
     assert kinds(base, "Ingress") == [] and kinds(base, "Route") == []
     services = kinds(base, "Service")
-    assert {s["metadata"]["name"] for s in services} == {"redis", "postgres", "flower"}
+    assert {s["metadata"]["name"] for s in services} == {"redis", "postgres", "flower", "gateway"}
     for service in services:
         spec = service["spec"]
         assert spec.get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
@@ -849,3 +849,29 @@ def test_prometheus_component_keeps_busy_workers(queue, with_prometheus, base):
     # One busy pod per replica: the HPA keeps at least as many pods as hold a job.
     assert meta["threshold"] == "1"
     assert prometheus.get("metricType", "AverageValue") == "AverageValue"
+
+
+# --- the HTTP gateway ---------------------------------------------------------------------
+
+
+def test_gateway_serves_with_keys_from_the_secret_and_no_model(base, config, secret):
+    """docs/gateway.md: `ident serve` on 8080, ready on /healthz, keys from the Secret, no GPU, no models volume."""
+    gateway = one(base, "Deployment", "gateway")
+    service = one(base, "Service", "gateway")
+    assert _selects(service, gateway)
+    assert service["spec"]["ports"][0]["port"] == 8080
+    (container,) = containers(gateway)
+    assert container["command"] + container["args"] == ["ident", "serve", "--host", "0.0.0.0", "--port", "8080"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8080}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["IDENT_API_KEYS"]["valueFrom"]["secretKeyRef"]["key"] == "GATEWAY_API_KEYS"
+    variables = resolved_env(container, config, secret)
+    assert variables["IDENT_API_KEYS"] == secret["GATEWAY_API_KEYS"]
+    # The Redis URL is the workers' own.
+    worker = resolved_env(containers(one(base, "Deployment", "vision-worker"))[0], config, secret)
+    assert variables["IDENT_REDIS_URL"] == worker["IDENT_REDIS_URL"]
+    assert "nvidia.com/gpu" not in str(container["resources"])
+    assert all(mount["mountPath"] != "/models" for mount in container.get("volumeMounts", []))
+    settings = Settings.from_env({k: v for k, v in variables.items() if k.startswith("IDENT_")})
+    assert settings.api_keys == (secret["GATEWAY_API_KEYS"],) and settings.gateway_wait_s == 30
