@@ -63,15 +63,10 @@ class IdentClient:
         confirms the job's too. Short of replicas, the job goes anyway, and
         jobs stop waiting for a while (tasks/replicas.py).
         """
-        confirmation = self._replica_confirmation
-        if confirmation.replicas <= 0:
-            return
-        with self.app.backend.client.pipeline(transaction=False) as pipe:
-            pipe.set(SENT_FENCE_KEY, time.time(), px=SENT_FENCE_TTL_MS)
-            if not confirmation.add_to(pipe):
-                return
-            replies = pipe.execute(raise_on_error=False)
-        confirmation.check(replies[-1], "a job just sent")
+        if self._replica_confirmation.replicas > 0:
+            self._replica_confirmation.write(
+                self.app.backend.client, lambda pipe: pipe.set(SENT_FENCE_KEY, time.time(), px=SENT_FENCE_TTL_MS),
+                "a job just sent")
 
     def analyze_image(self, image: bytes, options: dict | None = None) -> AsyncResult:
         return self._send(contract.VISION_ANALYZE, image, options)

@@ -49,6 +49,24 @@ class ReplicaConfirmation:
         settings = settings or load_settings()
         return cls(settings.replicas_to_confirm(), settings.redis_wait_timeout_ms)
 
+    def write(self, client, queue_writes, what: str) -> list:
+        """Run the writes ``queue_writes(pipe)`` queues, then ``WAIT`` if writes wait now, on one connection.
+
+        Returns the writes' replies; raises the first that failed. ``what``
+        names the writes in the warning when replicas fall short.
+        """
+        with client.pipeline(transaction=False) as pipe:
+            queue_writes(pipe)
+            waits = self.add_to(pipe)
+            replies = pipe.execute(raise_on_error=False)
+        written = replies[:-1] if waits else replies
+        for reply in written:
+            if isinstance(reply, Exception):
+                raise reply
+        if waits:
+            self.check(replies[-1], what)
+        return written
+
     def add_to(self, pipe) -> bool:
         """Append ``WAIT`` to ``pipe`` (a non-transactional pipeline) if writes wait now; True if it did."""
         if self.replicas <= 0 or self._clock() < self._skip_until:

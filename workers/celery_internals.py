@@ -298,15 +298,10 @@ class FleetResultBackend(RedisBackend):
         if self._store_script is None:
             self._store_script = self.client.register_script(STORE_RESULT)
         # WAIT in the same pipeline, so on the same connection as the writes it confirms (tasks/replicas.py).
-        with self.client.pipeline(transaction=False) as pipe:
-            self._store_script(keys=[key, *keys], args=[value, int(self.expires or 0)], client=pipe)
-            waits = self.replica_confirmation.add_to(pipe)
-            replies = pipe.execute(raise_on_error=False)
-        if isinstance(replies[0], Exception):
-            raise replies[0]
-        if waits:
-            self.replica_confirmation.check(replies[-1], "a job's result")
-
+        self.replica_confirmation.write(
+            self.client, lambda pipe: self._store_script(keys=[key, *keys], args=[value, int(self.expires or 0)],
+                                                         client=pipe),
+            "a job's result")
 
 class FleetSentinelResultBackend(FleetResultBackend, SentinelBackend):
     """The same backend on the master that Sentinel names (``IDENT_REDIS_URL=sentinel://...``)."""

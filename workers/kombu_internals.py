@@ -132,15 +132,11 @@ class QoS(kombu_redis.QoS):
         with channel.conn_or_acquire() as client:
             if channel._record_script is None:
                 channel._record_script = client.register_script(RECORD_HANDED_OVER)
-            with client.pipeline(transaction=False) as pipe:
-                channel._record_script(keys=[self.unacked_index_key, self.unacked_key, handover_key],
-                                       args=[time(), delivery_tag, record, item], client=pipe)
-                waits = channel.replica_confirmation.add_to(pipe)
-                replies = pipe.execute(raise_on_error=False)
-        if isinstance(replies[0], Exception):
-            raise replies[0]
-        if waits:
-            channel.replica_confirmation.check(replies[-1], "a job's hand-over")
+            channel.replica_confirmation.write(
+                client, lambda pipe: channel._record_script(
+                    keys=[self.unacked_index_key, self.unacked_key, handover_key],
+                    args=[time(), delivery_tag, record, item], client=pipe),
+                "a job's hand-over")
         virtual.QoS.append(self, message, delivery_tag)
 
     def restore_visible(self, start=0, num=10, interval=10):

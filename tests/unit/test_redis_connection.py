@@ -150,3 +150,44 @@ assert celery_internals.FleetSentinelResultBackend._get_pool is SentinelBackend.
     from pathlib import Path
 
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+class RecordingPipeline(Pipe):
+    """A pipeline's shape, with the replies a real one gives back (errors as values)."""
+
+    def __init__(self, replies: list) -> None:
+        super().__init__()
+        self.replies = replies
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def set(self, *args):
+        self.commands.append(("SET", *args))
+
+    def execute(self, raise_on_error=True):
+        assert raise_on_error is False
+        return self.replies
+
+
+class OnePipelineClient:
+    def __init__(self, replies: list) -> None:
+        self.pipe = RecordingPipeline(replies)
+
+    def pipeline(self, transaction=True):
+        assert transaction is False, "WAIT cannot follow its writes inside MULTI"
+        return self.pipe
+
+
+def test_write_puts_wait_after_the_writes_and_raises_a_failed_write():
+    client = OnePipelineClient(["OK", 1])
+    confirmation = ReplicaConfirmation(1, 250)
+    assert confirmation.write(client, lambda pipe: pipe.set("k", "v"), "a test write") == ["OK"]
+    assert client.pipe.commands == [("SET", "k", "v"), ("WAIT", 1, 250)]
+    failing = OnePipelineClient([ValueError("WRONGTYPE"), 1])
+    with pytest.raises(ValueError, match="WRONGTYPE"):
+        confirmation.write(failing, lambda pipe: pipe.set("k", "v"), "a test write")
+    assert ReplicaConfirmation(0, 250).write(OnePipelineClient(["OK"]), lambda pipe: pipe.set("k", "v"), "x") == ["OK"]
