@@ -125,6 +125,8 @@ def build(root: Path, components: tuple[Path, ...] = ()) -> list[dict]:
     for component in list(kustomization.get("components", [])) + [str(c.relative_to(root)) for c in components]:
         spec = yaml.safe_load((root / component / "kustomization.yaml").read_text())
         assert spec["kind"] == "Component"
+        for resource in spec.get("resources", []):  # a component's own objects, before its patches
+            docs += load_yaml_documents(root / component / resource)
         for patch in spec.get("patches", []):
             operations = yaml.safe_load(patch["patch"])
             hits = [i for i, doc in enumerate(docs) if _matches(patch["target"], doc)]

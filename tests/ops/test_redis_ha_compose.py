@@ -64,13 +64,16 @@ def test_the_ha_services_run_only_in_the_ha_profile_and_publish_nothing(path, ex
 def test_the_replica_follows_redis_and_either_can_serve_as_master(example_env):
     services, _ = load_project(MAIN_FILES[0], example_env)
     services = services["services"]
-    replica = " ".join(services["redis-replica"]["command"])
-    assert "--replicaof redis 6379" in replica and "--appendonly yes" in replica
+    assert services["redis-replica"]["environment"]["REPLICA_OF"] == "redis 6379"
+    assert "REPLICA_OF" not in services["redis"]["environment"]
     for name in ("redis", "redis-replica"):
         command = " ".join(services[name]["command"])
+        assert command.startswith("sh -c exec sh /usr/local/bin/start-redis.sh --appendonly yes"), name
         assert '--requirepass "$REDIS_PASSWORD"' in command and '--masterauth "$REDIS_PASSWORD"' in command, name
         assert f"--replica-announce-ip {name}" in command, name
+        assert services[name]["environment"]["REDIS_HOST_NAME"] == name
         assert services[name]["environment"]["REDIS_PASSWORD"] == example_env["IDENT_REDIS_PASSWORD"]
+        assert any(str(v).endswith("start-redis.sh:/usr/local/bin/start-redis.sh:ro") for v in services[name]["volumes"])
 
 
 def test_the_sentinels_watch_redis_with_a_quorum_of_two_under_the_workers_master_name(example_env):
