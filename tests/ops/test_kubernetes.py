@@ -260,10 +260,10 @@ def test_every_folder_of_manifests_is_a_kustomization_or_component():
 # --- schemas --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_core_kinds_validate_strictly(version, base, models_fetch):
+def assert_core_kinds_valid(docs: list[dict], version: str) -> set[str]:
+    """Every non-KEDA object valid against Kubernetes ``version``'s schemas, strictly; the kinds checked."""
     checked = set()
-    for doc in base + models_fetch:
+    for doc in docs:
         if doc["apiVersion"].startswith("keda.sh/"):
             continue
         problem = None
@@ -273,6 +273,24 @@ def test_core_kinds_validate_strictly(version, base, models_fetch):
             problem = f"{doc['kind']}/{doc['metadata']['name']} at {'/'.join(map(str, exc.absolute_path))}: {exc.message}"
         assert problem is None, problem
         checked.add(doc["kind"])
+    return checked
+
+
+def assert_keda_kinds_valid(docs: list[dict], keda_schemas: dict) -> None:
+    """The ScaledObjects and the TriggerAuthentication among ``docs``, valid against KEDA's CRDs."""
+    keda = [d for d in docs if d["apiVersion"].startswith("keda.sh/")]
+    assert {d["kind"] for d in keda} == {"ScaledObject", "TriggerAuthentication"}
+    for doc in keda:
+        schema = keda_schemas.get((doc["apiVersion"], doc["kind"]))
+        assert schema is not None, f"no CRD for {doc['apiVersion']} {doc['kind']}"
+        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.absolute_path))
+        assert not errors, "\n".join(f"{doc['kind']}/{doc['metadata']['name']} "
+                                     f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_core_kinds_validate_strictly(version, base, models_fetch):
+    checked = assert_core_kinds_valid(base + models_fetch, version)
     assert {"Namespace", "ConfigMap", "Secret", "Service", "Deployment", "StatefulSet",
             "PersistentVolumeClaim", "Job"} <= checked
 
@@ -307,15 +325,7 @@ def keda_schemas() -> dict[tuple[str, str], dict]:
 
 @pytest.mark.parametrize("build_name", ["base", "with_prometheus"])
 def test_keda_kinds_validate_against_their_crds(build_name, keda_schemas, request):
-    docs = request.getfixturevalue(build_name)
-    keda = [d for d in docs if d["apiVersion"].startswith("keda.sh/")]
-    assert {d["kind"] for d in keda} == {"ScaledObject", "TriggerAuthentication"}
-    for doc in keda:
-        schema = keda_schemas.get((doc["apiVersion"], doc["kind"]))
-        assert schema is not None, f"no CRD for {doc['apiVersion']} {doc['kind']}"
-        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.absolute_path))
-        assert not errors, "\n".join(f"{doc['kind']}/{doc['metadata']['name']} "
-                                     f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+    assert_keda_kinds_valid(request.getfixturevalue(build_name), keda_schemas)
 
 
 def test_the_strict_keda_schema_refuses_a_misspelt_field(keda_schemas, base):

@@ -29,10 +29,10 @@ from tests.ops.test_kubernetes import (  # noqa: F401  (fixtures are used by nam
     config,
     containers,
     env_of,
-    jsonschema,
+    assert_core_kinds_valid,
+    assert_keda_kinds_valid,
     keda_schemas,
     kinds,
-    kubernetes_validate,
     load_yaml_documents_text,
     needs_kubectl,
     one,
@@ -102,27 +102,12 @@ def test_the_build_has_the_sentinels_and_their_services(with_redis_ha, base):
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_core_kinds_validate_strictly(version, with_redis_ha):
-    checked = set()
-    for doc in with_redis_ha:
-        if doc["apiVersion"].startswith("keda.sh/"):
-            continue
-        problem = None
-        try:
-            kubernetes_validate.validate(doc, version, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            problem = f"{doc['kind']}/{doc['metadata']['name']} at {'/'.join(map(str, exc.absolute_path))}: {exc.message}"
-        assert problem is None, problem
-        checked.add(doc["kind"])
+    checked = assert_core_kinds_valid(with_redis_ha, version)
     assert {"Service", "StatefulSet", "Deployment", "PodDisruptionBudget"} <= checked
 
 
 def test_keda_kinds_validate_against_their_crds(with_redis_ha, keda_schemas):
-    keda = [d for d in with_redis_ha if d["apiVersion"].startswith("keda.sh/")]
-    assert {d["kind"] for d in keda} == {"ScaledObject", "TriggerAuthentication"}
-    for doc in keda:
-        schema = keda_schemas[(doc["apiVersion"], doc["kind"])]
-        errors = list(jsonschema.Draft7Validator(schema).iter_errors(doc))
-        assert not errors, [f"{doc['kind']}/{doc['metadata']['name']}: {e.message}" for e in errors]
+    assert_keda_kinds_valid(with_redis_ha, keda_schemas)
 
 
 def test_both_components_together_build(keda_schemas):
