@@ -68,6 +68,10 @@ class EmbeddedRedis:
     appendonly: bool = False
     # More redis-server options, such as ("--replicaof", "127.0.0.1", "6379").
     options: tuple[str, ...] = ()
+    # Started through this command instead (it ends by running redis-server with
+    # the options, from PATH), with these variables: deploy/redis-ha/start-redis.sh.
+    launcher: tuple[str, ...] = ()
+    launcher_env: dict[str, str] = field(default_factory=dict)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ident-redis-")))
     process: subprocess.Popen | None = None
 
@@ -90,7 +94,12 @@ class EmbeddedRedis:
         if self.password:
             command += ["--requirepass", self.password, "--masterauth", self.password]
         command += list(self.options)
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env = None
+        if self.launcher:
+            binary, command = command[0], [*self.launcher, *command[1:]]
+            env = {**os.environ, **self.launcher_env,
+                   "PATH": f"{os.path.dirname(binary)}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

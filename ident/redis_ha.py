@@ -15,9 +15,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ident.fleet import EmbeddedRedis, FleetError, free_port, redis_server_binary
+from ident.fleet import REPO_ROOT, EmbeddedRedis, FleetError, free_port, redis_server_binary
 
 MASTER_NAME = "ident"
+# What the compose files' Redis servers start through: as a replica of the
+# master the Sentinels name, unless they name this server.
+START_SCRIPT = REPO_ROOT / "deploy" / "redis-ha" / "start-redis.sh"
 # Sentinel calls the master down after this long without a reply, then the
 # Sentinels vote and promote the replica: failover takes about this plus 1-2 s.
 DOWN_AFTER_MS = 1000
@@ -116,6 +119,18 @@ class SentinelGroup:
         master = self.master()
         master.stop(kill=True)
         return master
+
+    def restart(self, server: EmbeddedRedis) -> EmbeddedRedis:
+        """Start a stopped server again the way the compose files do, through start-redis.sh:
+        it asks the Sentinels first, and comes back as the current master's replica."""
+        server.launcher = ("sh", str(START_SCRIPT))
+        server.launcher_env = {
+            "REDIS_HOST_NAME": "127.0.0.1", "REDIS_PORT": str(server.port),
+            "SENTINELS": " ".join(f"127.0.0.1:{port}" for port in self.sentinel_ports),
+            "SENTINEL_PASSWORD": self.sentinel_password or "", "REDIS_PASSWORD": self.password or "",
+            "REDIS_MASTER_NAME": self.master_name,
+        }
+        return server.start()
 
     def wait_for_failover(self, old_port: int, timeout: float = 30) -> float:
         """Seconds until the Sentinels name a new master that answers as one."""

@@ -12,7 +12,7 @@
 #   REDIS_PORT        its port (default 6379)
 #   REPLICA_OF        "host port" of the master to follow when no Sentinel answers (empty: start as master)
 #   SENTINELS         host:port of each Sentinel (default: the ha profile's three)
-#   SENTINEL_PASSWORD the Sentinels' password (default REDIS_PASSWORD, the servers' own)
+#   SENTINEL_PASSWORD the Sentinels' password (unset: REDIS_PASSWORD, the servers' own; empty: none)
 #   REDIS_MASTER_NAME the master's name in the Sentinels (default ident)
 #
 # ident/redis_ha.py restarts a killed server through this script too, so the
@@ -21,7 +21,7 @@ set -eu
 me="${REDIS_HOST_NAME:?REDIS_HOST_NAME names this server} ${REDIS_PORT:-6379}"
 master=${REPLICA_OF:-}
 answered=no
-password=${SENTINEL_PASSWORD:-${REDIS_PASSWORD:-}}
+password=${SENTINEL_PASSWORD-${REDIS_PASSWORD:-}}
 for sentinel in ${SENTINELS:-sentinel-1:26379 sentinel-2:26379 sentinel-3:26379}; do
   if [ -n "$password" ]; then
     named=$(REDISCLI_AUTH="$password" redis-cli -h "${sentinel%:*}" -p "${sentinel##*:}" \

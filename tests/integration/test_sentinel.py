@@ -146,6 +146,18 @@ def test_every_job_in_flight_is_answered_after_the_master_is_killed(fleet, group
              == 0 and new_master.llen(contract.AUDIO_QUEUE) == 0, 30, what="every job acknowledged")
 
 
+def test_the_killed_master_restarted_as_compose_restarts_it_comes_back_as_a_replica(group):
+    """Through deploy/redis-ha/start-redis.sh: never an empty master that a lagging Sentinel could name."""
+    import redis
+
+    killed = next(server for server in group.servers if server.process is None)
+    group.restart(killed)
+    # At once, before any Sentinel has told it anything.
+    info = redis.Redis(port=killed.port, password=MASTER_PASSWORD).info("replication")
+    assert info["role"] == "slave"
+    assert info["master_port"] == group.master_port() != killed.port
+
+
 def test_a_result_waits_for_the_replica_and_a_missing_replica_costs_one_timeout(group, models_path,
                                                                                 tmp_path_factory):
     """WAIT really blocks: with the replica stopped (SIGSTOP), the hand-over and the result each wait out its timeout once."""
