@@ -232,3 +232,32 @@ def test_the_http_gateway_finds_the_master_through_the_sentinels(fleet, group, t
         assert status["queues"][contract.AUDIO_QUEUE]["workers"] == 1
     finally:
         gateway.stop()
+
+
+def test_ident_up_and_submit_use_the_sentinels(fleet, group, tmp_path):
+    """`ident up` against Redis behind Sentinel runs no Redis of its own; `ident submit` is answered through it."""
+    photo = sorted((data_dir() / "images" / "faces").glob("*.jpg"))[0]
+    env = {**fleet.env, "IDENT_DATA_DIR": str(tmp_path)}
+    up = subprocess.Popen([sys.executable, "-m", "ident.cli", "up", "--audio-concurrency", "1",
+                           "--vision-concurrency", "1"], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    said = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not any("Ctrl-C stops everything" in line for line in said):
+            line = up.stderr.readline()
+            if not line:
+                break
+            said.append(line)
+        assert any("Ctrl-C stops everything" in line for line in said), "".join(said)
+        assert not any("embedded redis-server" in line for line in said), "".join(said)
+        assert not [p for p in psutil.Process(up.pid).children(recursive=True) if "redis-server" in p.name()]
+        submitted = subprocess.run([sys.executable, "-m", "ident.cli", "submit", str(photo)], env=env,
+                                   capture_output=True, text=True, timeout=180)
+        assert submitted.returncode == 0, submitted.stderr[-3000:]
+        assert '"execution_provider"' in submitted.stdout and '"faces"' in submitted.stdout, submitted.stdout[-2000:]
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=90) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
