@@ -4,11 +4,19 @@ Each gallery has its own table, ``ident_templates_<id>``, with a column of
 its model's dimensions. While the gallery is small a search reads every
 template (exact, and a few milliseconds); once it holds
 IDENT_GALLERY_INDEX_MIN_TEMPLATES templates the process that crosses the mark
-builds the table's HNSW cosine index, and searches go through it with
-``hnsw.ef_search`` = IDENT_GALLERY_EF_SEARCH. A table per gallery means the
-index holds only that gallery's templates: pgvector applies a WHERE clause
-after the index scan, so a shared index would hand small galleries fewer
-rows than asked for.
+builds the table's HNSW cosine index. An indexed gallery is searched through
+the process's shortlist of it (galleries/shortlist.py: every template,
+compressed, names the few hundred nearest, which PostgreSQL scores exactly),
+and through HNSW, with ``hnsw.ef_search`` = IDENT_GALLERY_EF_SEARCH, while
+that shortlist is being built or where IDENT_GALLERY_SHORTLIST=0. A table per
+gallery means the index holds only that gallery's templates: pgvector applies
+a WHERE clause after the index scan, so a shared index would hand small
+galleries fewer rows than asked for.
+
+Template ids grow in commit order: every insert first takes the gallery's
+INSERT_LOCK_CLASS transaction lock, so an id is drawn only once every
+earlier insert into that gallery has committed or rolled back. A shortlist
+therefore lacks exactly the rows above the last id it read.
 
 A subject's score is its best template's cosine similarity to the probe.
 Enrolment is idempotent per (subject, source): the source is the payload's
@@ -31,6 +39,7 @@ from tasks.errors import GalleryMismatch, GalleryNotFound, InvalidInput
 
 from .database import Database
 from .names import checked_name
+from .shortlist import EXTEND_AFTER_ROWS, SHORTLIST_ROWS, TRAINING_SAMPLE, Shortlist, ShortlistCache
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,10 @@ HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 64
 # pg_try_advisory_lock(INDEX_LOCK_CLASS, gallery id): one process builds a gallery's index.
 INDEX_LOCK_CLASS = 0x6964
+# pg_advisory_xact_lock(INSERT_LOCK_CLASS, gallery id): inserts into a gallery one transaction at a time.
+INSERT_LOCK_CLASS = 0x6965
+# Rows per fetch when a shortlist reads a gallery's templates.
+SHORTLIST_READ_ROWS = 50_000
 MAX_TOP_K = 100
 # Indexed searches read at least this many nearest templates per candidate asked for.
 NEAREST_PER_CANDIDATE = 4
@@ -104,10 +117,13 @@ _GALLERY_QUERY = """
 class GalleryStore:
     """Every gallery in one database."""
 
-    def __init__(self, database: Database, index_min_templates: int = 5_000, ef_search: int = 100) -> None:
+    def __init__(self, database: Database, index_min_templates: int = 5_000, ef_search: int = 100,
+                 shortlists: bool = True) -> None:
         self.database = database
         self.index_min_templates = index_min_templates
         self.ef_search = ef_search
+        # Indexed galleries' shortlists, built when first searched; None: HNSW only.
+        self.shortlists = ShortlistCache(self._build_shortlist) if shortlists else None
 
     # -- jobs -------------------------------------------------------------
 
@@ -121,6 +137,7 @@ class GalleryStore:
         def enroll_in(conn: psycopg.Connection) -> Enrolment:
             gallery = self._gallery_for(conn, name, model)
             with conn.transaction():
+                _lock_inserts(conn, gallery)
                 added = conn.execute(
                     sql.SQL("INSERT INTO {} (subject_id, source, embedding, model_id) "
                             "SELECT %s, %s, %s, id FROM ident_models WHERE key = %s AND sha256 = %s "
@@ -202,7 +219,8 @@ class GalleryStore:
                 "model_sha256": gallery.model_sha256, "dimensions": gallery.dimensions,
                 "subjects": int(subjects), "templates": int(templates),
                 "most_templates_per_subject": int(most),
-                "threshold": gallery.threshold, "search": "hnsw" if gallery.indexed else "exact",
+                "threshold": gallery.threshold,
+                "search": ("shortlist" if self.shortlists is not None else "hnsw") if gallery.indexed else "exact",
                 "index_min_templates": self.index_min_templates, "ef_search": self.ef_search,
                 "bytes": int(size),
                 "first_enrolled": first.isoformat() if first else None,
@@ -268,6 +286,7 @@ class GalleryStore:
                                     when[0] if when else None))
                     if progress is not None and count % 1000 == 0:
                         progress(1000)
+            _lock_inserts(conn, gallery)
             added = conn.execute(
                 sql.SQL("INSERT INTO {} (subject_id, source, embedding, model_id, enrolled_at) "
                         "SELECT subject_id, source, embedding, %s, coalesce(enrolled_at, now()) FROM ident_import "
@@ -300,6 +319,14 @@ class GalleryStore:
 
         return gallery, rows()
 
+    def shortlist(self, name: str, timeout_s: float = 600.0) -> Shortlist:
+        """The indexed gallery's shortlist in this process, built now if need be (for the benchmark and tests)."""
+        gallery = self.gallery(name)
+        if self.shortlists is None or not gallery.indexed:
+            raise InvalidInput(f"gallery {name!r} is searched without a shortlist: "
+                               + ("shortlists are off here" if self.shortlists is None else "it has no index yet"))
+        return self.shortlists.wait(gallery, timeout_s)
+
     def build_index(self, name: str) -> float:
         """Build the gallery's HNSW index now, whatever its size; the seconds it took (0.0 if it had one)."""
         gallery = self.gallery(name)
@@ -314,6 +341,9 @@ class GalleryStore:
 
     def _search(self, conn: psycopg.Connection, gallery: Gallery, vector: np.ndarray,
                 top_k: int) -> list[Candidate]:
+        shortlist = self.shortlists.ready(gallery) if self.shortlists is not None and gallery.indexed else None
+        if shortlist is not None:
+            return self._search_shortlisted(conn, gallery, shortlist, vector, top_k)
         if gallery.indexed:
             # The index yields at most ef_search templates, which are ranked by
             # subject (each by its best). Subjects with several templates each
@@ -335,6 +365,58 @@ class GalleryStore:
                 {"probe": vector, "k": top_k},
             ).fetchall()
         return [Candidate(subject_id, float(score)) for subject_id, score in rows]
+
+    def _search_shortlisted(self, conn: psycopg.Connection, gallery: Gallery, shortlist: Shortlist,
+                            vector: np.ndarray, top_k: int) -> list[Candidate]:
+        """The shortlist's nearest rows and every row newer than it, scored exactly; best template per subject."""
+        named = shortlist.nearest(vector, max(SHORTLIST_ROWS, NEAREST_PER_CANDIDATE * top_k))
+        last_id = shortlist.last_id
+        rows = conn.execute(
+            sql.SQL("SELECT id, subject_id, 1 - (embedding <=> %(probe)s) FROM {} "
+                    "WHERE id = ANY(%(named)s) OR id > %(last)s").format(gallery.table),
+            {"probe": vector, "named": named.tolist(), "last": last_id},
+        ).fetchall()
+        best: dict[str, float] = {}
+        seen, newer = set(), 0
+        for row_id, subject_id, score in rows:
+            if row_id > last_id:
+                newer += 1
+            else:
+                seen.add(row_id)
+            if score > best.get(subject_id, -2.0):
+                best[subject_id] = float(score)
+        if len(seen) < len(named):
+            shortlist.mark_gone(set(named.tolist()) - seen)  # forgotten since the shortlist read them
+        if newer >= EXTEND_AFTER_ROWS:
+            self._extend_shortlist(conn, gallery, shortlist)
+        ranked = sorted(best.items(), key=lambda item: -item[1])[:top_k]
+        return [Candidate(subject_id, score) for subject_id, score in ranked]
+
+    def _build_shortlist(self, gallery: Gallery) -> Shortlist:
+        """A shortlist of every template of ``gallery``, read on a connection of its own (a background thread's)."""
+        reader = Database(self.database.url, self.database.data_dir)
+        try:
+            def read(conn: psycopg.Connection) -> Shortlist:
+                with conn.cursor(binary=True) as cursor:
+                    cursor.execute(sql.SQL("SELECT embedding FROM {} ORDER BY random() LIMIT %s").format(gallery.table),
+                                   (TRAINING_SAMPLE,))
+                    sample = np.stack([_loaded(embedding) for (embedding,) in cursor])
+                shortlist = Shortlist(gallery.id, gallery.dimensions, sample)
+                self._extend_shortlist(conn, gallery, shortlist)
+                return shortlist
+
+            return reader.run(read)
+        finally:
+            reader.close()
+
+    def _extend_shortlist(self, conn: psycopg.Connection, gallery: Gallery, shortlist: Shortlist) -> None:
+        """Add every row above the shortlist's last id, in id order."""
+        with conn.transaction(), conn.cursor(name=f"ident_shortlist_{gallery.id}", binary=True) as cursor:
+            cursor.execute(sql.SQL("SELECT id, embedding FROM {} WHERE id > %s ORDER BY id").format(gallery.table),
+                           (shortlist.last_id,))
+            while rows := cursor.fetchmany(SHORTLIST_READ_ROWS):
+                shortlist.add(np.fromiter((row_id for row_id, _ in rows), dtype=np.int64, count=len(rows)),
+                              np.stack([_loaded(embedding) for _, embedding in rows]))
 
     def _template_count(self, conn: psycopg.Connection, gallery: Gallery) -> int:
         """How many templates the gallery holds: counted while it is small, the planner's estimate once indexed.
@@ -429,6 +511,11 @@ class GalleryStore:
 
     def _all(self, conn: psycopg.Connection) -> list[Gallery]:
         return [Gallery(*row) for row in conn.execute(_GALLERY_QUERY + " ORDER BY g.name").fetchall()]
+
+
+def _lock_inserts(conn: psycopg.Connection, gallery: Gallery) -> None:
+    """Hold the gallery's insert lock until this transaction ends, so that ids are drawn in commit order."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (INSERT_LOCK_CLASS, gallery.id))
 
 
 def table_name(gallery_id: int) -> str:

@@ -155,7 +155,8 @@ def open_store():
 
     settings = load_settings()
     database = Database(settings.gallery_url, settings.data_dir)
-    return GalleryStore(database, settings.gallery_index_min_templates, settings.gallery_ef_search)
+    return GalleryStore(database, settings.gallery_index_min_templates, settings.gallery_ef_search,
+                        settings.gallery_shortlist)
 
 
 def print_json(value) -> None:

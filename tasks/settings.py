@@ -252,6 +252,10 @@ class Settings:
     # HNSW's candidate list per search: genuine recall@1 0.98-1.0 at 1e4-1e5
     # templates, far less at 1e6 (docs/benchmarks.md, "Galleries").
     gallery_ef_search: int = 100
+    # Indexed galleries are searched through each worker process's shortlist of
+    # them (galleries/shortlist.py: 32 bytes per 128-d template in memory), and
+    # through HNSW only while it is built; off: HNSW always.
+    gallery_shortlist: bool = True
     # Open-set thresholds of identify. None: the threshold at which a gallery of
     # its size keeps the false-positive identification rate at IDENT_GALLERY_TARGET_FPIR,
     # from the model's calibrated impostor scores (galleries/thresholds.py).

@@ -61,7 +61,8 @@ class GalleryJobs:
         self.pipeline = pipeline
         self.settings = settings
         self.database = Database(settings.gallery_url, settings.data_dir)
-        self.store = GalleryStore(self.database, settings.gallery_index_min_templates, settings.gallery_ef_search)
+        self.store = GalleryStore(self.database, settings.gallery_index_min_templates, settings.gallery_ef_search,
+                                  settings.gallery_shortlist)
         self.spec = pipeline.embedding_spec if kind == "vision" else pipeline.specs["speaker_embedding"]
         self._sha256: str | None = None
 
@@ -164,7 +165,9 @@ class GalleryJobs:
     def status(self) -> dict:
         """Where the database is and whether the last use of it worked, for status and readiness."""
         state = "unavailable" if self.database.problem else ("connected" if self.database.connected else "not used yet")
-        return {"database": self.database.where(), "state": state, "problem": self.database.problem}
+        shortlists = self.store.shortlists.status() if self.store.shortlists is not None else None
+        return {"database": self.database.where(), "state": state, "problem": self.database.problem,
+                "shortlists": shortlists}
 
     # -- templates --------------------------------------------------------
 
