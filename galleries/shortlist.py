@@ -39,10 +39,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# Templates named per probe. In a 10⁶-template gallery of 128-d synthetic identities,
-# the exact nearest template was among the 256 named for 300 of 300 probes, among the
-# 128 for 297, among the 64 for 295 (docs/benchmarks.md, "Galleries").
-SHORTLIST_ROWS = 256
+# Templates named per probe. In a 10⁶-template gallery of 128-d synthetic identities the
+# exact nearest template was among the 192 named for 300 of 300 probes in one build and
+# 500 of 500 in another, among the 128 for 297 and 500, the 96 for 499 of 500; each 64
+# more cost ~0.4 ms of PostgreSQL's time (docs/benchmarks.md, "Galleries").
+SHORTLIST_ROWS = 192
 # Rows enrolled since the copy was made are scored exactly by PostgreSQL until
 # there are this many, then added to the copy (a few milliseconds per thousand).
 EXTEND_AFTER_ROWS = 1_000
@@ -50,6 +51,10 @@ EXTEND_AFTER_ROWS = 1_000
 REBUILD_AFTER_GONE = SHORTLIST_ROWS
 # Centroids per pair of dimensions are trained on a random sample of this many templates.
 TRAINING_SAMPLE = 32_768
+# faiss's advice for k-means: 39 points per centroid at least (16 centroids at 4 bits).
+# A smaller gallery's templates are repeated up to it; its shortlist names all its
+# rows anyway while it holds no more than SHORTLIST_ROWS.
+MIN_TRAINING = 39 * 16
 # A build that failed is tried again after this long; searches meanwhile go through HNSW.
 RETRY_AFTER_S = 60.0
 BITS_PER_CODE = 4  # what faiss's fast scan takes
@@ -91,7 +96,10 @@ class Shortlist:
         self.dimensions = dimensions
         self._index = faiss.IndexPQFastScan(dimensions, subquantizers(dimensions), BITS_PER_CODE,
                                             faiss.METRIC_INNER_PRODUCT)
-        self._index.train(_unit(training))
+        training = _unit(training)
+        if len(training) < MIN_TRAINING:
+            training = np.resize(training, (MIN_TRAINING, dimensions))
+        self._index.train(training)
         self._row_ids = np.empty(0, dtype=np.int64)
         self.last_id = 0
         self.gone: set[int] = set()

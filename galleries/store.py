@@ -78,6 +78,9 @@ class Gallery:
     dimensions: int
     threshold: float | None
     indexed: bool
+    # The planner's estimate of its templates (-1: never analysed), read with the row to spare
+    # identify a round trip.
+    estimated_templates: float = -1.0
     # The templates it holds, where a caller asked (identify does: the threshold depends on it).
     templates: int | None = None
 
@@ -109,8 +112,10 @@ class Enrolment:
 
 
 _GALLERY_QUERY = """
-    SELECT g.id, g.name, g.modality, m.key, m.sha256, m.dimensions, g.threshold, g.indexed_at IS NOT NULL
+    SELECT g.id, g.name, g.modality, m.key, m.sha256, m.dimensions, g.threshold, g.indexed_at IS NOT NULL,
+           coalesce(c.reltuples, -1)
     FROM ident_galleries g JOIN ident_models m ON m.id = g.model_id
+    LEFT JOIN pg_class c ON c.oid = to_regclass('ident_templates_' || g.id)
 """
 
 
@@ -373,8 +378,9 @@ class GalleryStore:
         last_id = shortlist.last_id
         rows = conn.execute(
             sql.SQL("SELECT id, subject_id, 1 - (embedding <=> %(probe)s) FROM {} "
-                    "WHERE id = ANY(%(named)s) OR id > %(last)s").format(gallery.table),
-            {"probe": vector, "named": named.tolist(), "last": last_id},
+                    "WHERE id = ANY(%(named)s::bigint[]) OR id > %(last)s").format(gallery.table),
+            # One array literal: psycopg's list dumper costs ~3 us per element, a third of a millisecond here.
+            {"probe": vector, "named": "{" + ",".join(map(str, named.tolist())) + "}", "last": last_id},
         ).fetchall()
         best: dict[str, float] = {}
         seen, newer = set(), 0
@@ -425,11 +431,8 @@ class GalleryStore:
         search; the estimate (refreshed by autovacuum's ANALYZE) is close
         enough for a threshold that moves with the logarithm of the size.
         """
-        if gallery.indexed:
-            (estimate,) = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
-                                       (gallery.table_name,)).fetchone()
-            if estimate is not None and estimate >= 0:
-                return int(estimate)
+        if gallery.indexed and gallery.estimated_templates >= 0:
+            return int(gallery.estimated_templates)
         (count,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(gallery.table)).fetchone()
         return int(count)
 

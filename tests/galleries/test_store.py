@@ -227,7 +227,8 @@ def test_search_switches_to_hnsw_past_index_min_templates(make_store, names, dir
     # 800, not 200: over a table of a few hundred 128-d templates PostgreSQL's planner reads the
     # table (cheaper, and exact) even with the index there; from about 600 on it takes the index.
     mark = 800
-    store = make_store(index_min_templates=mark)
+    # HNSW alone, as a process searches while its shortlist is built (test_shortlist.py covers that path).
+    store = make_store(index_min_templates=mark, shortlists=False)
     gallery = names()
     subjects = mark + 20
     templates = unit_vectors(rng, subjects)
@@ -291,13 +292,17 @@ def test_an_indexed_gallery_smaller_than_top_k_returns_all_its_subjects(store, n
     for i, vector in enumerate(vectors):
         store.enroll(gallery, f"q{i // 3}", vector, FACE, f"src{i}")  # three subjects, three templates each
     assert store.build_index(gallery) > 0.0
-    assert store.stats(gallery)["search"] == "hnsw"
+    assert store.stats(gallery)["search"] == "shortlist"
     assert store.build_index(gallery) == 0.0  # already built
 
     probe = near(vectors[4], rng)
-    _, (candidates,) = store.identify(gallery, [probe], FACE, top_k=10)
-    assert sorted(c.subject_id for c in candidates) == ["q0", "q1", "q2"]
-    assert candidates[0] == Candidate("q1", pytest.approx(cosine(probe, vectors[4]), abs=1e-5))
+    # Through HNSW while this process's shortlist is built, then through the shortlist: the same answer.
+    _, (through_hnsw,) = store.identify(gallery, [probe], FACE, top_k=10)
+    assert len(store.shortlist(gallery)) == 9
+    _, (through_shortlist,) = store.identify(gallery, [probe], FACE, top_k=10)
+    for candidates in (through_hnsw, through_shortlist):
+        assert sorted(c.subject_id for c in candidates) == ["q0", "q1", "q2"]
+        assert candidates[0] == Candidate("q1", pytest.approx(cosine(probe, vectors[4]), abs=1e-5))
 
 
 def test_bulk_load_past_the_mark_builds_the_index(make_store, names, rng):
@@ -305,7 +310,7 @@ def test_bulk_load_past_the_mark_builds_the_index(make_store, names, rng):
     gallery = names()
     rows = [(f"r{i}", "src", v) for i, v in enumerate(unit_vectors(rng, 60))]
     assert store.bulk_load(gallery, FACE, iter(rows)) == 60
-    assert store.stats(gallery)["search"] == "hnsw"
+    assert store.stats(gallery)["search"] == "shortlist"
     # Loading the same rows again adds nothing.
     assert store.bulk_load(gallery, FACE, iter(rows)) == 0
     assert store.stats(gallery)["templates"] == 60

@@ -9,6 +9,7 @@ strangers who must get ``match: null``.
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import cv2
@@ -256,3 +257,50 @@ def test_database_away_and_back(models_path, data_path, logs_dir, tmp_path):
             worker.stop()
         redis.cleanup()
         embedded.stop(data_dir)
+
+
+def test_an_indexed_gallery_is_searched_through_the_workers_shortlist(models_path, data_path, logs_dir, tmp_path):
+    """Past IDENT_GALLERY_INDEX_MIN_TEMPLATES a real worker builds its shortlist and answers through it, as before."""
+    redis = EmbeddedRedis().start()
+    worker = None
+    try:
+        env = make_env(redis, models_path, data_dir=tmp_path / "data", gallery_index_min_templates=3)
+        worker = start_worker("vision", env, concurrency=1, name="vision-shortlist@itest", log_dir=logs_dir)
+        own = IdentClient(Settings.from_env(env))
+        wait_until_ready(own.app, [worker], timeout=180)
+        gallery = _name("indexed")
+        for person in ENROLLED_PEOPLE:
+            own.enroll("vision", gallery, person, _photo(data_path, f"{person}_01.jpg")).get(timeout=120)
+
+        def answers() -> list:
+            found = []
+            for photo in [f"{person}_02.jpg" for person in ENROLLED_PEOPLE] + list(STRANGER_PHOTOS):
+                (face,) = own.identify("vision", gallery, _photo(data_path, photo)).get(timeout=120)["faces"]
+                found.append((face["match"], [(c["subject_id"], round(c["score"], 5)) for c in face["candidates"]]))
+            return found
+
+        # The first search starts the pool process's shortlist; until it is built, HNSW answers.
+        through_hnsw = answers()
+        assert [match for match, _ in through_hnsw] == [*ENROLLED_PEOPLE, None, None], through_hnsw
+        deadline = time.monotonic() + 60
+        while True:
+            shortlists = own.status("vision").get(timeout=60)["galleries"]["shortlists"]
+            if shortlists.get(gallery, {}).get("state") == "ready" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert shortlists[gallery]["state"] == "ready", shortlists
+        assert shortlists[gallery]["templates"] == len(ENROLLED_PEOPLE) and shortlists[gallery]["bytes"] > 0
+        assert answers() == through_hnsw, "the shortlist's answers are the same, scores to 5 decimals"
+
+        # Enrolled and forgotten after the copy was made: counted, and gone, at once.
+        own.enroll("vision", gallery, "jennifer_aniston", _photo(data_path, "jennifer_aniston_02.jpg")).get(timeout=120)
+        probe = _photo(data_path, "jennifer_aniston_01.jpg")
+        assert own.identify("vision", gallery, probe).get(timeout=120)["faces"][0]["match"] == "jennifer_aniston"
+        assert own.forget("vision", gallery, "jennifer_aniston").get(timeout=60)["deleted"] == 1
+        after = own.identify("vision", gallery, probe).get(timeout=120)["faces"][0]
+        assert after["match"] is None and "jennifer_aniston" not in [c["subject_id"] for c in after["candidates"]]
+    finally:
+        if worker is not None:
+            worker.stop()
+        redis.cleanup()
+        embedded.stop(tmp_path / "data")
