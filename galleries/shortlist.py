@@ -39,10 +39,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# Templates named per probe. In a 10⁶-template gallery of 128-d synthetic identities the
-# exact nearest template was among the 192 named for 300 of 300 probes in one build and
-# 500 of 500 in another, among the 128 for 297 and 500, the 96 for 499 of 500; each 64
-# more cost ~0.4 ms of PostgreSQL's time (docs/benchmarks.md, "Galleries").
+# Templates named per probe. In 10⁶-template galleries of 128-d synthetic identities
+# the exact nearest template was among the 192 named for 300 of 300, 500 of 500 and
+# 499 of 500 probes (three builds), among the 128 for 297 of 300 and 500 of 500; each
+# 64 more cost ~0.4 ms of PostgreSQL's time (docs/benchmarks.md, "Galleries").
 SHORTLIST_ROWS = 192
 # Rows enrolled since the copy was made are scored exactly by PostgreSQL until
 # there are this many, then added to the copy (a few milliseconds per thousand).

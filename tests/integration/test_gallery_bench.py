@@ -66,13 +66,23 @@ def test_a_small_gallery_is_loaded_indexed_searched_and_removed(tmp_path):
 
     # The sweep holds exactly the values asked for, the headline ef_search among them, in order.
     assert [row["ef_search"] for row in report["ef_sweep"]] == SWEEP
-    headline = next(row for row in report["ef_sweep"] if row["ef_search"] == 40)
-    assert (headline["recall_at_1"], headline["search_ms_p99"]) == (report["recall_at_1"], report["search_ms_p99"])
+    hnsw = next(row for row in report["ef_sweep"] if row["ef_search"] == 40)
+    assert (hnsw["recall_at_1"], hnsw["search_ms_p99"]) == (report["hnsw"]["recall_at_1"],
+                                                            report["hnsw"]["search_ms_p99"])
     for row in report["ef_sweep"]:
         assert 0.0 <= row["recall_at_1"] <= 1.0 and row["search_ms_p50"] <= row["search_ms_p99"]
     # A genuine probe's nearest template is its own subject's by a wide margin: a bench
     # that mislabelled subjects or scored the wrong probes would miss nearly all of them.
-    assert headline["recall_genuine"] >= 0.9
+    assert hnsw["recall_genuine"] >= 0.9
+
+    # The headline is the shortlist's: a copy of every template, whose named rows are scored
+    # exactly, finds the exact top subject of a gallery this small for every probe.
+    shortlist = report["shortlist"]
+    assert report["search"] == "shortlist" and report["recall_at_1"] == shortlist["recall_at_1"] == 1.0
+    assert (report["search_ms_p50"], report["search_ms_p99"]) == (shortlist["search_ms_p50"],
+                                                                  shortlist["search_ms_p99"])
+    assert shortlist["templates"] == TEMPLATES and shortlist["bytes"] == TEMPLATES * (128 // 4 + 8)
+    assert report["shortlist_build_s"] == shortlist["build_s"] > 0
 
     # Exact search is timed at each ladder size up to the gallery's, and the database's
     # exact answer is the one numpy computed for recall.
@@ -87,7 +97,7 @@ def test_a_small_gallery_is_loaded_indexed_searched_and_removed(tmp_path):
     assert report["database"]["pgvector"] and report["database"]["server"].startswith("embedded")
     assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
     assert f"--templates {TEMPLATES}" in report["command"]
-    assert "recall@1 at ef_search 40" in completed.stdout
+    assert "HNSW alone at ef_search 40" in completed.stdout and "through the shortlist" in completed.stdout
 
     assert not data_dir.exists(), "the folder the bench created is removed"
     assert not _servers_under(data_dir), "the server the bench started is stopped"
