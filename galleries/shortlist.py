@@ -193,10 +193,6 @@ class ShortlistCache:
             raise RuntimeError(f"the shortlist of gallery {gallery.name!r} could not be built: {entry.problem}")
         return entry.shortlist
 
-    def built_seconds(self, gallery_id: int) -> float | None:
-        entry = self._entries.get(gallery_id)
-        return None if entry is None else entry.built_s
-
     def status(self) -> dict:
         """Per gallery: templates held, memory, build time, and why the last build failed if it did."""
         with self._lock:
